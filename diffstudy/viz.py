@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['show_images', 'scatter2d', 'plot_density', 'plot_score_field', 'animate_trajectory']
 
-# %% ../nbs/00b_viz.ipynb #6575f68f
+# %% ../nbs/00b_viz.ipynb #4a776cf3
 import math
 import matplotlib.pyplot as plt
 import numpy as np
@@ -51,10 +51,12 @@ def plot_density(log_prob, ax=None, lims=3.0, n=200, title=None, cmap='viridis')
     return ax
 
 def plot_score_field(score, ax=None, lims=3.0, n=21, title=None, color=None):
-    "Arrows of a score field on an n x n grid, scaled down so the longest is one grid cell; `score` maps (M, 2) to (M, 2)."
+    "Arrows of a score field on an n x n grid, the longest one grid cell, lengths compressed as |v|^0.3; `score` maps (M, 2) to (M, 2)."
     xs, pts = _grid(lims, n)
     with torch.no_grad(): v = torch.as_tensor(score(pts)).float().cpu()
-    v = v / v.norm(dim=1).max().clamp_min(1e-12) * (2 * lims / (n - 1))
+    norm = v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # direction exactly, length compressed (|v|^0.3) so that both weak and strong regions stay visible
+    v = v / norm * (norm / norm.max()) ** 0.3 * (2 * lims / (n - 1))
     ax = _ax(ax)
     ax.quiver(pts[:, 0], pts[:, 1], v[:, 0], v[:, 1], angles='xy', scale_units='xy', scale=1, width=0.004, color=color)
     ax.set_xlim(-lims, lims); ax.set_ylim(-lims, lims); ax.set_aspect('equal')
