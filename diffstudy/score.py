@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 # %% ../nbs/01_score_matching.ipynb #08f16a2a
 class ToyMLP(nn.Module):
     "An MLP on d-dimensional points, optionally conditioned on one scalar per point (a log noise level or a time) by Fourier features added to every hidden layer."
-    def __init__(self, d: int = 2, hidden: int = 128, depth: int = 3, cond: bool = False, n_freq: int = 16, freq_max: float = 16.0):
+    def __init__(self, d: int = 2, hidden: int = 128, depth: int = 3, cond: bool = False, n_freq: int = 16, freq_max: float = 16.0,
+                 cond_scale: float = 1.0):  # c is multiplied by cond_scale first (e.g. 1/T for a timestep in 0..T-1)
         super().__init__()
-        self.d, self.cond = d, cond
+        self.d, self.cond, self.cond_scale = d, cond, cond_scale
         self.inp = nn.Linear(d, hidden)
         self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
         self.out = nn.Linear(hidden, d)
@@ -31,7 +32,7 @@ class ToyMLP(nn.Module):
         if self.cond:
             if c is None: raise ValueError("this network is conditional: pass c, one scalar per point (or one for all)")
             c = torch.as_tensor(c, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
-            f = c[:, None] * self.freqs
+            f = (c * self.cond_scale)[:, None] * self.freqs
             e = torch.cat([f.sin(), f.cos()], 1)
         h = self.inp(x)
         for i in range(len(self.hidden) + 1):
