@@ -79,11 +79,11 @@ def exact_denoiser(mixture, schedule: Schedule) -> Denoiser:
     return Denoiser(net, schedule, 'x0')
 
 # %% ../nbs/02a_diffusion.ipynb #225e4244
-def diffusion_loss(net, x0, schedule: Schedule, param: str = 'eps', generator=None, t=None, **cond):
-    "The denoising loss: mean squared error between net(x_t, t) and its target (eps, x0 or v), t uniform over 0..T-1 unless given."
+def diffusion_loss(net, x0, schedule: Schedule, param: str = 'eps', generator=None, t=None, eps=None, **cond):
+    "The denoising loss: mean squared error between net(x_t, t) and its target (eps, x0 or v); t uniform over 0..T-1 and eps ~ N(0, I) unless given."
     _check_param(param)
     n = len(x0)
     if t is None: t = torch.randint(0, schedule.T, (n,), generator=generator, device=x0.device)
-    x_t, eps = q_sample(x0, t, schedule, generator=generator)
+    x_t, eps = q_sample(x0, t, schedule, eps=eps, generator=generator)
     tgt = target(x0, eps, schedule.alpha(t), schedule.sigma(t), param)
     return ((net(x_t, torch.as_tensor(t).to(x0.dtype), **cond) - tgt) ** 2).mean()
