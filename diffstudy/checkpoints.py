@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['FORMAT', 'CheckpointError', 'model_config', 'hardware', 'save_checkpoint', 'read_info', 'build_model',
-           'load_checkpoint', 'load_training_state', 'pretrained_dir', 'available_models', 'load_pretrained']
+           'load_checkpoint', 'load_training_state', 'pretrained_dir', 'available_models', 'export_model',
+           'load_pretrained']
 
-# %% ../nbs/04_checkpoints.ipynb #3625d58f
+# %% ../nbs/04_checkpoints.ipynb #e67ae05b
 import json, os, platform, shutil, sys, time
 from pathlib import Path
 import torch
@@ -38,7 +39,7 @@ def hardware() -> dict:
     return dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__, cpus=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
-# %% ../nbs/04_checkpoints.ipynb #bdb57a5a
+# %% ../nbs/04_checkpoints.ipynb #0f1ea095
 def _optimizer_to_files(opt):
     "Split an optimizer's state dict into tensors (for safetensors) and plain data (for JSON)."
     sd = opt.state_dict()
@@ -95,7 +96,7 @@ def save_checkpoint(path, model, ema=None, optimizer=None, step: int = 0, meta: 
         raise
     return path
 
-# %% ../nbs/04_checkpoints.ipynb #38baa658
+# %% ../nbs/04_checkpoints.ipynb #4ce3721b
 def read_info(path) -> dict:
     "The JSON of a checkpoint folder, with a clear error when it is missing or not valid."
     path = Path(path)
@@ -159,7 +160,7 @@ def load_training_state(path, model, ema=None, optimizer=None) -> dict:
         except (ValueError, KeyError, RuntimeError) as e: raise CheckpointError(f"{path / 'optimizer.safetensors'} does not match the optimizer: {e}") from None
     return info
 
-# %% ../nbs/04_checkpoints.ipynb #8422abb4
+# %% ../nbs/04_checkpoints.ipynb #8c17df31
 def pretrained_dir() -> Path:
     "The folder of shipped models: data/ in the repository."
     from diffstudy.data import repo_root
@@ -169,6 +170,13 @@ def available_models() -> list:
     "Names of the shipped models in data/."
     d = pretrained_dir()
     return sorted(p.name for p in d.iterdir() if (p / 'checkpoint.json').is_file()) if d.is_dir() else []
+
+def export_model(checkpoint, dest, dtype=torch.float16, weights: str = 'ema') -> Path:
+    "Write a shippable copy of a training checkpoint: the EMA weights only (fp16 storage by default), its JSON without the optimizer state."
+    model, info = load_checkpoint(checkpoint, weights=weights)
+    meta = {k: v for k, v in info.items() if k not in ('format', 'model_class', 'config', 'step', 'optimizer', 'hardware', 'saved_at')}
+    meta.update(exported_from=str(checkpoint), exported_weights=weights, trained_on=info.get('hardware'), storage_dtype=str(dtype).replace('torch.', ''))
+    return save_checkpoint(dest, model, step=info['step'], meta=meta, dtype=dtype)
 
 def load_pretrained(name: str, map_location='cpu'):
     "Load a shipped model by name (a folder in data/) or by path: returns (model, info)."
