@@ -22,7 +22,8 @@ def _models():
     "Model classes a checkpoint may name: name -> (class, config class or None)."
     from diffstudy.unet import UNet, UNetConfig
     from diffstudy.score import ToyMLP
-    return {'UNet': (UNet, UNetConfig), 'ToyMLP': (ToyMLP, None)}
+    from diffstudy.metrics import FashionClassifier, ClassifierConfig
+    return {'UNet': (UNet, UNetConfig), 'ToyMLP': (ToyMLP, None), 'FashionClassifier': (FashionClassifier, ClassifierConfig)}
 
 def model_config(model) -> dict:
     "The JSON-able config of a model the checkpoints know."

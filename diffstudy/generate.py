@@ -12,27 +12,31 @@ import torch
 from .checkpoints import load_pretrained, CheckpointError, available_models
 from .schedules import get_schedule
 from .diffusion import Denoiser
+from tqdm.auto import tqdm
 from .sampling import ddpm
 
 # %% ../nbs/05_ddpm_fashion.ipynb #57041b27
-def load_denoiser(name: str = 'ddpm_fashion', map_location='cpu'):
-    "A shipped model (by name in data/, or a checkpoint path) as a Denoiser with its own schedule and parameterization; also returns the checkpoint's JSON."
+def load_denoiser(name: str = 'ddpm_fashion', map_location='cpu', clip_x0: float = None):
+    "A shipped model (by name in data/, or a checkpoint path) as a Denoiser with its own schedule and parameterization (clip_x0=1.0 keeps its clean estimate in the data range); also returns the checkpoint's JSON."
     model, info = load_pretrained(name, map_location=map_location)
     sch = info.get('schedule') or {}
     schedule = get_schedule(sch.get('name', 'linear'), sch.get('T', 1000), sch.get('zero_snr', False))
-    return Denoiser(model, schedule, info.get('param', 'eps')), info
+    return Denoiser(model, schedule, info.get('param', 'eps'), clip_x0=clip_x0), info
 
 @torch.no_grad()
-def generate(denoiser, n: int = 64, steps: int = 100, seed: int = 0, batch_size: int = 64, spacing: str = 'trailing'):
-    "n images from a denoiser with the ancestral sampler on `steps` respaced timesteps; the same seed gives the same images."
+def generate(denoiser, n: int = 64, steps: int = 100, seed: int = 0, batch_size: int = 64, sampler: str = 'ddpm', spacing: str = 'trailing', progress: bool = False):
+    "n images from a denoiser with a sampler of `diffstudy.sampling.SAMPLERS` (the ancestral `ddpm` by default) in `steps` steps; the same seed gives the same images."
+    from diffstudy.sampling import SAMPLERS
+    if sampler not in SAMPLERS: raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if int(n) != n or n < 1: raise ValueError(f"n must be a positive integer, got {n}")
     if int(steps) != steps or not 1 <= steps <= denoiser.schedule.T: raise ValueError(f"steps must be an integer from 1 to {denoiser.schedule.T}, got {steps}")
+    if int(batch_size) != batch_size or batch_size < 1: raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     cfg = denoiser.net.config
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(0, n, batch_size):
+    for i in tqdm(range(0, n, batch_size), desc=f'{sampler}, {steps} steps', disable=not progress):
         x = torch.randn(min(batch_size, n - i), cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
-        out.append(ddpm(denoiser, x, steps, spacing=spacing, generator=g))
+        out.append(SAMPLERS[sampler](denoiser, x, int(steps), spacing=spacing, generator=g))
     return torch.cat(out)
 
 # %% ../nbs/05_ddpm_fashion.ipynb #87adff36
@@ -44,20 +48,23 @@ def _fail(msg):
 @call_parse
 def sample_cli(model: Param("a shipped model name (in data/) or a checkpoint folder", str) = 'ddpm_fashion',
                n: Param("number of images", int) = 64,
-               steps: Param("sampling steps", int) = 100,
+               sampler: Param("sampler: ddpm, ddim, euler, heun or dpmpp_2m (the samplers notebook compares them)", str) = 'dpmpp_2m',
+               steps: Param("sampling steps (Heun makes 2 steps - 1 model evaluations)", int) = 20,
                seed: Param("seed: the same seed gives the same images", int) = 0,
                out: Param("output PNG file", str) = 'samples.png',
                nrow: Param("images per row of the grid", int) = 8):
     "Sample images from a trained diffusion model and save them as a PNG grid."
     from torchvision.utils import save_image
+    from diffstudy.sampling import SAMPLERS
+    if sampler not in SAMPLERS: _fail(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if n < 1 or steps < 1 or nrow < 1: _fail(f"--n, --steps and --nrow must be positive, got {n}, {steps}, {nrow}")
     o = Path(out)
     if o.suffix.lower() != '.png': _fail(f"--out must name a .png file, got {out}")
     if not o.parent.exists() or not o.parent.is_dir(): _fail(f"cannot write {out}: the folder {o.parent} does not exist")
-    try: den, info = load_denoiser(model)
+    try: den, info = load_denoiser(model, clip_x0=1.0)  # the clean estimate kept in the data range at every step (the samplers notebook measures why)
     except CheckpointError as e: _fail(e)
     if steps > den.schedule.T: _fail(f"--steps must be at most {den.schedule.T}, got {steps}")
-    x = generate(den, n, steps, seed)
+    x = generate(den, n, steps, seed, sampler=sampler, progress=True)
     try: save_image((x.clamp(-1, 1) + 1) / 2, o, nrow=nrow)
     except OSError as e: _fail(f"cannot write {out}: {e.strerror}")
-    print(f"wrote {n} samples ({steps} steps, seed {seed}) from {model} to {out}")
+    print(f"wrote {n} samples ({sampler}, {steps} steps, seed {seed}) from {model} to {out}")
