@@ -49,7 +49,7 @@ def _fail(msg):
 def sample_cli(model: Param("a shipped model name (in data/) or a checkpoint folder", str) = 'ddpm_fashion',
                n: Param("number of images", int) = 64,
                sampler: Param("sampler: ddpm, ddim, euler, heun or dpmpp_2m (the samplers notebook compares them)", str) = 'dpmpp_2m',
-               steps: Param("sampling steps (Heun makes 2 steps - 1 model evaluations)", int) = 20,
+               steps: Param("sampling steps (Heun makes 2 steps - 1 model evaluations)", int) = 10,
                seed: Param("seed: the same seed gives the same images", int) = 0,
                out: Param("output PNG file", str) = 'samples.png',
                nrow: Param("images per row of the grid", int) = 8):
