@@ -242,7 +242,7 @@ def precision_recall(real, fake, k: int = 3):
     return _coverage(fake, real, _kth_radius(real, k)), _coverage(real, fake, _kth_radius(fake, k))
 
 # %% ../nbs/06_evaluation.ipynb #857e8d6d
-def _cache_dir() -> Path: return Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'diffstudy'
+from .data import _cache_dir  # one cache folder for the package
 
 def reference_features(classifier_name: str = 'fashion_classifier') -> torch.Tensor:
     "Features of the 10,000 FashionMNIST test images under the shipped classifier, computed once and cached."
