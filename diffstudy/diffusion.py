@@ -7,12 +7,14 @@ __all__ = ['PARAMETERIZATIONS', 'q_sample', 'to_x0_eps', 'target', 'Prediction',
 
 # %% ../nbs/02a_diffusion.ipynb #58e14533
 from typing import NamedTuple
+import math
 import torch
 from .schedules import Schedule, get_schedule
 
 # %% ../nbs/02a_diffusion.ipynb #3a2b74f1
 def _per_sample(a, x):
     "A number or one value per sample, shaped to broadcast against x (N, ...)."
+    if isinstance(a, (int, float)): return a
     a = torch.as_tensor(a, device=x.device).to(x.dtype)
     return a.reshape(-1, *[1] * (x.ndim - 1)) if a.ndim else a
 
@@ -59,11 +61,19 @@ class Denoiser:
     def __repr__(self): return f"Denoiser({type(self.net).__name__}, {self.param}, {self.schedule!r})"
 
     def __call__(self, x_t, t) -> Prediction:
-        t = torch.as_tensor(t, dtype=torch.float64)
-        if t.ndim == 0: t = t.expand(len(x_t))
-        if t.shape != (len(x_t),): raise ValueError(f"t must be a number or one timestep per sample ({len(x_t)}), got shape {tuple(t.shape)}")
-        alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
-        pred = self.net(x_t, t.to(x_t.dtype), **self.cond)
+        if not isinstance(t, (int, float)):
+            t = torch.as_tensor(t, dtype=torch.float64)
+            if t.ndim == 0: t = t.item()
+        if isinstance(t, (int, float)):  # one timestep for the batch (what samplers pass): the coefficients are plain numbers
+            ab = self.schedule.alpha_bar(t).item()
+            alpha, sigma = math.sqrt(ab), math.sqrt(1 - ab)
+            t_net = torch.full((len(x_t),), float(t), dtype=x_t.dtype, device=x_t.device)
+        else:
+            if t.shape != (len(x_t),): raise ValueError(f"t must be a number or one timestep per sample ({len(x_t)}), got shape {tuple(t.shape)}")
+            ab = self.schedule.alpha_bar(t)
+            alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+            t_net = t.to(device=x_t.device, dtype=x_t.dtype)
+        pred = self.net(x_t, t_net, **self.cond)
         if pred.shape != x_t.shape: raise ValueError(f"the network returned shape {tuple(pred.shape)} for input {tuple(x_t.shape)}")
         x0, eps = to_x0_eps(pred, x_t, alpha, sigma, self.param)
         if self.clip_x0 is not None:  # clip the clean estimate, and make eps consistent with it

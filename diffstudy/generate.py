@@ -24,19 +24,20 @@ def load_denoiser(name: str = 'ddpm_fashion', map_location='cpu', clip_x0: float
     return Denoiser(model, schedule, info.get('param', 'eps'), clip_x0=clip_x0), info
 
 @torch.no_grad()
-def generate(denoiser, n: int = 64, steps: int = 100, seed: int = 0, batch_size: int = 64, sampler: str = 'ddpm', spacing: str = 'trailing', progress: bool = False):
-    "n images from a denoiser with a sampler of `diffstudy.sampling.SAMPLERS` (the ancestral `ddpm` by default) in `steps` steps; the same seed gives the same images."
+def generate(denoiser, n: int = 64, steps: int = 100, seed: int = 0, batch_size: int = 64, sampler: str = 'ddpm', spacing: str = 'trailing', progress: bool = False, **kwargs):
+    "n images from a denoiser with a sampler of `diffstudy.sampling.SAMPLERS` (the ancestral `ddpm` by default) in `steps` steps; the same seed gives the same images. Other keywords go to the sampler (`eta` for ddim, `sigmas` for the ODE samplers)."
     from diffstudy.sampling import SAMPLERS
     if sampler not in SAMPLERS: raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if int(n) != n or n < 1: raise ValueError(f"n must be a positive integer, got {n}")
     if int(steps) != steps or not 1 <= steps <= denoiser.schedule.T: raise ValueError(f"steps must be an integer from 1 to {denoiser.schedule.T}, got {steps}")
     if int(batch_size) != batch_size or batch_size < 1: raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     cfg = denoiser.net.config
+    p = next(denoiser.net.parameters())  # sample where the network lives, in its precision; the noise comes from one CPU generator, so a seed means the same noise anywhere
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in tqdm(range(0, n, batch_size), desc=f'{sampler}, {steps} steps', disable=not progress):
-        x = torch.randn(min(batch_size, n - i), cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
-        out.append(SAMPLERS[sampler](denoiser, x, int(steps), spacing=spacing, generator=g))
+        x = torch.randn(min(batch_size, n - i), cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(p.device, p.dtype)
+        out.append(SAMPLERS[sampler](denoiser, x, int(steps), spacing=spacing, generator=g, **kwargs).cpu())
     return torch.cat(out)
 
 # %% ../nbs/05_ddpm_fashion.ipynb #87adff36
@@ -48,8 +49,8 @@ def _fail(msg):
 @call_parse
 def sample_cli(model: Param("a shipped model name (in data/) or a checkpoint folder", str) = 'ddpm_fashion',
                n: Param("number of images", int) = 64,
-               sampler: Param("sampler: ddpm, ddim, euler, heun or dpmpp_2m (the samplers notebook compares them)", str) = 'dpmpp_2m',
-               steps: Param("sampling steps (Heun makes 2 steps - 1 model evaluations)", int) = 10,
+               sampler: Param("sampler: ddpm, ddim, euler, heun or dpmpp_2m (the samplers notebook compares them; ancestral ddpm at 20 steps is its choice)", str) = 'ddpm',
+               steps: Param("sampling steps (Heun makes 2 steps - 1 model evaluations)", int) = 20,
                seed: Param("seed: the same seed gives the same images", int) = 0,
                out: Param("output PNG file", str) = 'samples.png',
                nrow: Param("images per row of the grid", int) = 8):

@@ -184,8 +184,8 @@ def features(images, classifier=None, batch_size: int = 1000) -> torch.Tensor:
     "The classifier's penultimate features (N, 128) of images (N, 1, 32, 32) in [-1, 1], as float64."
     _check_images(images)
     clf = classifier if classifier is not None else _default_classifier()
-    images = images.float().clamp(-1, 1)
-    return torch.cat([clf.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).double()
+    images, dev = images.float().clamp(-1, 1), next(clf.parameters()).device
+    return torch.cat([clf.features(images[i:i + batch_size].to(dev)).cpu() for i in range(0, len(images), batch_size)]).double()
 
 _CLASSIFIER = {}
 def _default_classifier():

@@ -25,7 +25,10 @@ def _check_start(denoiser, x):
         raise TypeError("the sampler needs a Denoiser (diffstudy.diffusion.Denoiser, or a wrapper with a .schedule); wrap your network with Denoiser(net, schedule, param)")
     if not torch.is_tensor(x) or not x.is_floating_point(): raise TypeError("x must be a floating-point tensor of starting noise")
 
-def _noise_like(x, generator): return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+def _noise_like(x, generator):
+    "Fresh noise shaped like x, drawn where the generator lives (a CPU generator gives the same noise whatever device x is on)."
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=dev).to(x.device)
 
 @torch.no_grad()
 def _timestep_loop(denoiser, x, pairs, step, generator=None, callback=None):
@@ -69,7 +72,7 @@ def ve_sigma(schedule, t):
 def sigma_to_t(schedule, sigma):
     "The (fractional) timestep whose noise-to-signal ratio is sigma: the inverse of ve_sigma, linear in log-SNR between integer timesteps."
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    lam = schedule.log_snr(torch.arange(schedule.T)).numpy()  # decreasing in t
+    lam = schedule.log_snrs.numpy()  # the schedule's lambda_t table, decreasing in t
     target = -2 * torch.log(sigma)
     if (target > lam[0] + 1e-9).any() or (target < lam[-1] - 1e-9).any():
         raise ValueError(f"sigma must lie within the schedule's range [{math.exp(-lam[0] / 2):.4g}, {math.exp(-lam[-1] / 2):.4g}], got {sigma.min().item():.4g} to {sigma.max().item():.4g}")

@@ -20,19 +20,23 @@ class Schedule:
         self.betas, self.name = betas, name
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
         self.T = len(betas)
+        ab = self.alphas_cumprod.clamp(1e-300, 1 - 1e-16)
+        self.log_snrs = torch.log(ab) - torch.log1p(-ab)  # lambda_t per integer t, computed once: fractional lookups interpolate it
 
     def __repr__(self): return f"Schedule({self.name!r}, T={self.T}, terminal SNR={self.snr(self.T - 1).item():.3g})"
 
     def _lookup(self, t):
         "alpha-bar at integer or fractional t (a number or a tensor); fractional t interpolates the log-SNR linearly."
+        if isinstance(t, (int, float)):  # one number, the samplers' common case: no tensor work beyond one lookup
+            if not 0 <= t <= self.T - 1: raise ValueError(f"timesteps must lie in [0, {self.T - 1}], got {t}")
+            if t == int(t): return self.alphas_cumprod[int(t)]
+            lo = min(int(t), self.T - 2)
+            return torch.sigmoid(torch.lerp(self.log_snrs[lo], self.log_snrs[lo + 1], t - lo))
         t = torch.as_tensor(t, dtype=torch.float64)
         if ((t < 0) | (t > self.T - 1)).any(): raise ValueError(f"timesteps must lie in [0, {self.T - 1}], got {t.min().item()} to {t.max().item()}")
         if (t == t.round()).all(): return self.alphas_cumprod[t.long()]
-        ab = self.alphas_cumprod.clamp(1e-300, 1 - 1e-16)
-        lam = torch.log(ab) - torch.log1p(-ab)
         lo = t.floor().long().clamp(max=self.T - 2); w = t - lo
-        l = torch.lerp(lam[lo], lam[lo + 1], w)
-        return torch.sigmoid(l)
+        return torch.sigmoid(torch.lerp(self.log_snrs[lo], self.log_snrs[lo + 1], w))
 
     def alpha_bar(self, t): return self._lookup(t)
     def alpha(self, t): "Signal scale sqrt(alpha-bar_t)."; return self._lookup(t).sqrt()
