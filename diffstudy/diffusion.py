@@ -60,26 +60,34 @@ class Denoiser:
 
     def __repr__(self): return f"Denoiser({type(self.net).__name__}, {self.param}, {self.schedule!r})"
 
-    def __call__(self, x_t, t) -> Prediction:
+    def coefficients(self, x_t, t):
+        "The network's timestep input and the schedule's alpha and sigma at t: plain numbers for one timestep (what samplers pass), tensors for one per sample."
         if not isinstance(t, (int, float)):
             t = torch.as_tensor(t, dtype=torch.float64)
             if t.ndim == 0: t = t.item()
-        if isinstance(t, (int, float)):  # one timestep for the batch (what samplers pass): the coefficients are plain numbers
+        if isinstance(t, (int, float)):
             ab = self.schedule.alpha_bar(t).item()
-            alpha, sigma = math.sqrt(ab), math.sqrt(1 - ab)
-            t_net = torch.full((len(x_t),), float(t), dtype=x_t.dtype, device=x_t.device)
-        else:
-            if t.shape != (len(x_t),): raise ValueError(f"t must be a number or one timestep per sample ({len(x_t)}), got shape {tuple(t.shape)}")
-            ab = self.schedule.alpha_bar(t)
-            alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
-            t_net = t.to(device=x_t.device, dtype=x_t.dtype)
-        pred = self.net(x_t, t_net, **self.cond)
+            return torch.full((len(x_t),), float(t), dtype=x_t.dtype, device=x_t.device), math.sqrt(ab), math.sqrt(1 - ab)
+        if t.shape != (len(x_t),): raise ValueError(f"t must be a number or one timestep per sample ({len(x_t)}), got shape {tuple(t.shape)}")
+        ab = self.schedule.alpha_bar(t)
+        return t.to(device=x_t.device, dtype=x_t.dtype), ab.sqrt(), (1 - ab).sqrt()
+
+    def __call__(self, x_t, t, **cond) -> Prediction:
+        "Predict (x0, eps) at x_t and t; keywords add to or replace the conditioning given at construction."
+        t_net, alpha, sigma = self.coefficients(x_t, t)
+        pred = self.net(x_t, t_net, **{**self.cond, **cond})
         if pred.shape != x_t.shape: raise ValueError(f"the network returned shape {tuple(pred.shape)} for input {tuple(x_t.shape)}")
-        x0, eps = to_x0_eps(pred, x_t, alpha, sigma, self.param)
-        if self.clip_x0 is not None:  # clip the clean estimate, and make eps consistent with it
-            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
-            eps = (x_t - _per_sample(alpha, x_t) * x0) / _per_sample(sigma, x_t)
-        return Prediction(x0, eps)
+        return self.clip(Prediction(*to_x0_eps(pred, x_t, alpha, sigma, self.param)), x_t, alpha, sigma)
+
+    def clip(self, pred: Prediction, x_t, alpha, sigma) -> Prediction:
+        "Clip the clean estimate to [-clip_x0, clip_x0] and make eps consistent with it; nothing when clip_x0 is None (guidance wrappers clip their guided estimate here)."
+        if self.clip_x0 is None: return pred
+        x0 = pred.x0.clamp(-self.clip_x0, self.clip_x0)
+        return Prediction(x0, (x_t - _per_sample(alpha, x_t) * x0) / _per_sample(sigma, x_t))
+
+    def with_cond(self, **cond) -> 'Denoiser':
+        "The same denoiser with other conditioning (for example `y=labels` for a class-conditional network)."
+        return Denoiser(self.net, self.schedule, self.param, self.clip_x0, **{**self.cond, **cond})
 
 def exact_denoiser(mixture, schedule: Schedule) -> Denoiser:
     "The optimal denoiser of a Gaussian mixture, E[x0 | x_t] in closed form, as a Denoiser (one timestep for the whole batch)."

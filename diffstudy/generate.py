@@ -24,20 +24,26 @@ def load_denoiser(name: str = 'ddpm_fashion', map_location='cpu', clip_x0: float
     return Denoiser(model, schedule, info.get('param', 'eps'), clip_x0=clip_x0), info
 
 @torch.no_grad()
-def generate(denoiser, n: int = 64, steps: int = 100, seed: int = 0, batch_size: int = 64, sampler: str = 'ddpm', spacing: str = 'trailing', progress: bool = False, **kwargs):
-    "n images from a denoiser with a sampler of `diffstudy.sampling.SAMPLERS` (the ancestral `ddpm` by default) in `steps` steps; the same seed gives the same images. Other keywords go to the sampler (`eta` for ddim, `sigmas` for the ODE samplers)."
+def generate(denoiser, n: int = 64, steps: int = 100, seed: int = 0, batch_size: int = 64, sampler: str = 'ddpm', spacing: str = 'trailing', progress: bool = False,
+             labels=None, **kwargs):
+    "n images from a denoiser with a sampler of `diffstudy.sampling.SAMPLERS` (the ancestral `ddpm` by default) in `steps` steps; the same seed gives the same images. `labels` (n class indices) conditions each image through `denoiser.with_cond(y=...)`; other keywords go to the sampler (`eta` for ddim, `sigmas` for the ODE samplers)."
     from diffstudy.sampling import SAMPLERS
     if sampler not in SAMPLERS: raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if int(n) != n or n < 1: raise ValueError(f"n must be a positive integer, got {n}")
     if int(steps) != steps or not 1 <= steps <= denoiser.schedule.T: raise ValueError(f"steps must be an integer from 1 to {denoiser.schedule.T}, got {steps}")
     if int(batch_size) != batch_size or batch_size < 1: raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if labels is not None:
+        labels = torch.as_tensor(labels).long().reshape(-1)
+        if len(labels) != n: raise ValueError(f"labels must give one class per image ({n}), got {len(labels)}")
+        if not hasattr(denoiser, 'with_cond'): raise TypeError("labels need a denoiser that takes conditioning (a Denoiser or a guidance wrapper)")
     cfg = denoiser.net.config
     p = next(denoiser.net.parameters())  # sample where the network lives, in its precision; the noise comes from one CPU generator, so a seed means the same noise anywhere
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in tqdm(range(0, n, batch_size), desc=f'{sampler}, {steps} steps', disable=not progress):
         x = torch.randn(min(batch_size, n - i), cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(p.device, p.dtype)
-        out.append(SAMPLERS[sampler](denoiser, x, int(steps), spacing=spacing, generator=g, **kwargs).cpu())
+        den = denoiser if labels is None else denoiser.with_cond(y=labels[i:i + len(x)].to(p.device))
+        out.append(SAMPLERS[sampler](den, x, int(steps), spacing=spacing, generator=g, **kwargs).cpu())
     return torch.cat(out)
 
 # %% ../nbs/05_ddpm_fashion.ipynb #87adff36
@@ -53,7 +59,9 @@ def sample_cli(model: Param("a shipped model name (in data/) or a checkpoint fol
                steps: Param("sampling steps (Heun makes 2 steps - 1 model evaluations)", int) = 20,
                seed: Param("seed: the same seed gives the same images", int) = 0,
                out: Param("output PNG file", str) = 'samples.png',
-               nrow: Param("images per row of the grid", int) = 8):
+               nrow: Param("images per row of the grid", int) = 8,
+               label: Param("class to draw, by name (ankle_boot) or index, for a class-conditional model", str) = None,
+               guidance: Param("classifier-free guidance scale w >= 0 with --label (0: the plain conditional model)", float) = None):
     "Sample images from a trained diffusion model and save them as a PNG grid."
     from torchvision.utils import save_image
     from diffstudy.sampling import SAMPLERS
@@ -65,7 +73,17 @@ def sample_cli(model: Param("a shipped model name (in data/) or a checkpoint fol
     try: den, info = load_denoiser(model, clip_x0=1.0)  # the clean estimate kept in the data range at every step (the samplers notebook measures why)
     except CheckpointError as e: _fail(e)
     if steps > den.schedule.T: _fail(f"--steps must be at most {den.schedule.T}, got {steps}")
-    x = generate(den, n, steps, seed, sampler=sampler, progress=True)
+    labels, what = None, ''
+    if guidance is not None and label is None: _fail("--guidance needs --label (the class to guide towards)")
+    if label is not None:
+        from diffstudy.guidance import class_index, ClassifierFreeGuidance
+        if getattr(den.net.config, 'num_classes', None) is None: _fail(f"{model} has no class conditioning: --label needs a class-conditional model (such as ddpm_fashion_cond)")
+        if guidance is not None and not guidance >= 0: _fail(f"--guidance must be >= 0, got {guidance}")
+        try: y = class_index(label)
+        except ValueError as e: _fail(e)
+        den, labels = ClassifierFreeGuidance(den, y, guidance or 0.0), torch.full((n,), y)
+        what = f", class {y}, guidance {guidance or 0.0:g}"
+    x = generate(den, n, steps, seed, sampler=sampler, progress=True, labels=labels)
     try: save_image((x.clamp(-1, 1) + 1) / 2, o, nrow=nrow)
     except OSError as e: _fail(f"cannot write {out}: {e.strerror}")
-    print(f"wrote {n} samples ({sampler}, {steps} steps, seed {seed}) from {model} to {out}")
+    print(f"wrote {n} samples ({sampler}, {steps} steps, seed {seed}{what}) from {model} to {out}")
