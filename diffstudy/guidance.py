@@ -47,7 +47,7 @@ class ClassifierFreeGuidance:
         if len(self.y) not in (1, n): raise ValueError(f"labels must be one class or one per sample ({n}), got {len(self.y)}")
         y = self.y.to(x_t.device).expand(n)
         if self.w == 0: return self.denoiser(x_t, t, y=y)
-        both = Denoiser(self.net, self.schedule, self.denoiser.param)  # unclipped: clip only the guided estimate
+        both = Denoiser(self.net, self.schedule, self.denoiser.param, **self.denoiser.cond)  # unclipped: clip only the guided estimate
         t2 = t if isinstance(t, (int, float)) or torch.as_tensor(t).ndim == 0 else torch.cat([torch.as_tensor(t)] * 2)
         pred = both(torch.cat([x_t, x_t]), t2, y=torch.cat([y, torch.full_like(y, self.null_class)]))
         (x0_c, x0_u), (eps_c, eps_u) = pred.x0.chunk(2), pred.eps.chunk(2)
