@@ -48,9 +48,10 @@ def target(x0, eps, alpha, sigma, param: str = 'eps'):
 
 # %% ../nbs/02a_diffusion.ipynb #5a431e2f
 class Prediction(NamedTuple):
-    "A denoiser's output: the predicted clean sample and the predicted noise."
+    "A denoiser's output: the predicted clean sample and the predicted noise; `grad`, when set, is a score term an ancestral sampler adds to its mean as Sigma * grad (classifier guidance's mean shift, 08)."
     x0: torch.Tensor
     eps: torch.Tensor
+    grad: torch.Tensor = None
 
 class Denoiser:
     "The denoiser every sampler consumes: `den(x_t, t)` -> Prediction(x0, eps), from `net(x_t, t, **cond)` predicting `param` under `schedule`."

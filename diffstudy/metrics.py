@@ -99,26 +99,34 @@ def _augment(x, generator):
     return out
 
 @torch.no_grad()
-def classifier_accuracy(model, images, labels, batch_size: int = 1000) -> float:
-    "Fraction of images the classifier labels correctly."
+def classifier_accuracy(model, images, labels, batch_size: int = 1000, t=None) -> float:
+    "Fraction of images the classifier labels correctly; with `t` (one timestep per image) a noise-conditional classifier is called as model(x_t, t)."
     model.eval()
-    hits = sum((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item() for i in range(0, len(images), batch_size))
+    run = (lambda i: model(images[i:i + batch_size])) if t is None else (lambda i: model(images[i:i + batch_size], t[i:i + batch_size]))
+    hits = sum((run(i).argmax(1) == labels[i:i + batch_size]).sum().item() for i in range(0, len(images), batch_size))
     return hits / len(images)
 
 def train_classifier(epochs: int = 8, batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4, seed: int = 0,
-                     out=None, progress: bool = True, command: str = None):
-    "Train the FID classifier on FashionMNIST's training images; returns (model, info) and writes a checkpoint to `out` when given."
+                     out=None, progress: bool = True, command: str = None, model=None, schedule=None, label_smoothing: float = 0.1):
+    """Train a classifier on FashionMNIST's training images (augmented; SGD with a one-cycle rate); returns (model, info) and writes a checkpoint to `out` when given.
+    By default the FID classifier. With a noise `schedule` and a `model` called as model(x_t, t), each image is noised to a uniformly drawn timestep: the noise-conditional classifier of guidance (08), whose test accuracy is then measured on test images noised the same way."""
     from diffstudy.checkpoints import save_checkpoint
+    from diffstudy.diffusion import q_sample
     if int(epochs) != epochs or epochs < 1: raise ValueError(f"epochs must be a positive integer, got {epochs}")
     if int(batch_size) != batch_size or batch_size < 1: raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     if not lr > 0: raise ValueError(f"lr must be positive, got {lr}")
+    if schedule is not None and model is None: raise ValueError("a noise-conditional classifier needs its model: pass model= (called as model(x_t, t)) with schedule=")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     train, test = fashion_mnist('train'), fashion_mnist('test')
-    model = FashionClassifier()
+    model = model if model is not None else FashionClassifier()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps_per_epoch = len(train.images) // batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.25)
+    if schedule is not None:  # one fixed noising of the test set, so the epochs' accuracies compare
+        gt = torch.Generator().manual_seed(seed + 1)
+        t_test = torch.randint(0, schedule.T, (len(test.images),), generator=gt)
+        x_test = q_sample(test.images, t_test, schedule, generator=gt)[0]
     t0, hist = time.time(), dict(loss=[], test_accuracy=[])
     bar = tqdm(total=epochs * steps_per_epoch, desc='classifier', disable=not progress)
     for ep in range(epochs):
@@ -126,16 +134,24 @@ def train_classifier(epochs: int = 8, batch_size: int = 128, lr: float = 0.1, we
         perm = torch.randperm(len(train.images), generator=g)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(model(_augment(train.images[idx], g)), train.labels[idx], label_smoothing=0.1)
+            x = _augment(train.images[idx], g)
+            if schedule is None: logits = model(x)
+            else:
+                t = torch.randint(0, schedule.T, (len(x),), generator=g)
+                logits = model(q_sample(x, t, schedule, generator=g)[0], t)
+            loss = F.cross_entropy(logits, train.labels[idx], label_smoothing=label_smoothing)
             if not torch.isfinite(loss): raise FloatingPointError(f"the loss became {loss.item()} at epoch {ep}, step {i}: lower the learning rate (--lr)")
             opt.zero_grad(); loss.backward(); opt.step(); sched.step()
             hist['loss'].append(loss.item()); bar.update(1)
             if i % 50 == 0: bar.set_postfix(loss=f"{loss.item():.3f}")
-        hist['test_accuracy'].append(classifier_accuracy(model, test.images, test.labels))
-        bar.write(f"epoch {ep + 1}: test accuracy {hist['test_accuracy'][-1]:.4f}")
+        acc = classifier_accuracy(model, test.images, test.labels) if schedule is None else classifier_accuracy(model, x_test, test.labels, t=t_test)
+        hist['test_accuracy'].append(acc)
+        bar.write(f"epoch {ep + 1}: test accuracy {acc:.4f}" + ("" if schedule is None else " (over uniform noise levels)"))
     bar.close()
     info = dict(test_accuracy=hist['test_accuracy'][-1], wall_time_s=time.time() - t0, epochs=epochs, batch_size=batch_size, lr=lr,
-                weight_decay=weight_decay, seed=seed, history=hist, command=command or f"train_classifier(epochs={epochs}, batch_size={batch_size}, lr={lr}, seed={seed})")
+                weight_decay=weight_decay, seed=seed, label_smoothing=label_smoothing, history=hist,
+                command=command or f"train_classifier(epochs={epochs}, batch_size={batch_size}, lr={lr}, seed={seed})")
+    if schedule is not None: info['schedule'] = dict(name=schedule.name, T=schedule.T)
     model.eval()
     if out is not None: save_checkpoint(out, model, step=epochs * steps_per_epoch, meta=info)
     return model, info

@@ -38,6 +38,9 @@ def _timestep_loop(denoiser, x, pairs, step, generator=None, callback=None):
     for i, (t, t_prev) in enumerate(pairs):
         pred = denoiser(x, t)
         mean, std = step(x, pred, _alpha_bar(sched, t), _alpha_bar(sched, t_prev), t_prev < 0)
+        if pred.grad is not None:  # classifier guidance's mean shift (08, Algorithm 1): mu + Sigma grad, with this step's variance Sigma = std^2
+            if std == 0 and t_prev >= 0: raise ValueError("the mean-shift form of guidance needs a sampler step with a variance (ddpm, or ddim with eta > 0); use form='score' for deterministic sampling")
+            mean = mean + std ** 2 * pred.grad
         x = mean + std * _noise_like(x, generator) if std > 0 else mean
         if callback is not None: callback(i, t, x, pred)
     return x
@@ -108,7 +111,9 @@ def _sigma_loop(denoiser, x, sigmas, update, callback=None):
     _check_start(denoiser, x)
     sched = denoiser.schedule
     def D(x_ve, s, t=None):  # the denoiser's prediction at x_t = alpha x~, alpha = 1 / sqrt(1 + sigma^2)
-        return denoiser(x_ve / math.sqrt(1 + s * s), sigma_to_t(sched, s).item() if t is None else t)
+        pred = denoiser(x_ve / math.sqrt(1 + s * s), sigma_to_t(sched, s).item() if t is None else t)
+        if pred.grad is not None: raise ValueError("the ODE samplers have no step variance for the mean-shift form of guidance; use form='score' (or the ddpm sampler)")
+        return pred
     ts = sigma_to_t(sched, sigmas[:-1]).tolist()
     x = x * math.sqrt(1 + sigmas[0].item() ** 2)
     for i, t in enumerate(ts):

@@ -137,7 +137,8 @@ class UNet(nn.Module):
         for b in blocks: h = b(h, emb) if isinstance(b, ResBlock) else b(h, context)
         return h
 
-    def forward(self, x, t, y=None, context=None):
+    def encode(self, x, t, y=None, context=None):
+        "The encoder half: the features after the middle block, the skip activations, and the embedding (the noisy classifier of 08 stops here)."
         cfg = self.config
         if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
             raise ValueError(f"x must be N x {cfg.in_channels} x {cfg.image_size} x {cfg.image_size}, got {tuple(x.shape)}")
@@ -153,7 +154,10 @@ class UNet(nn.Module):
         hs.append(h)
         for blocks in self.down:
             h = self._run(blocks, h, emb, context); hs.append(h)
-        h = self._run(self.mid, h, emb, context)
+        return self._run(self.mid, h, emb, context), hs, emb
+
+    def forward(self, x, t, y=None, context=None):
+        h, hs, emb = self.encode(x, t, y, context)
         for blocks in self.up:
             h = self._run(blocks, torch.cat([h, hs.pop()], 1), emb, context)
         return self.out(h)
