@@ -23,7 +23,9 @@ def _models():
     from diffstudy.unet import UNet, UNetConfig
     from diffstudy.score import ToyMLP
     from diffstudy.metrics import FashionClassifier, ClassifierConfig
-    return {'UNet': (UNet, UNetConfig), 'ToyMLP': (ToyMLP, None), 'FashionClassifier': (FashionClassifier, ClassifierConfig)}
+    from diffstudy.guidance import NoisyClassifier, NoisyClassifierConfig
+    return {'UNet': (UNet, UNetConfig), 'ToyMLP': (ToyMLP, None), 'FashionClassifier': (FashionClassifier, ClassifierConfig),
+            'NoisyClassifier': (NoisyClassifier, NoisyClassifierConfig)}
 
 def model_config(model) -> dict:
     "The JSON-able config of a model the checkpoints know."
