@@ -9,7 +9,7 @@ __all__ = ['load_denoiser', 'generate', 'sample_cli']
 import sys
 from pathlib import Path
 import torch
-from .checkpoints import load_pretrained, CheckpointError, available_models
+from .checkpoints import load_pretrained, CheckpointError, available_models, read_info, pretrained_dir
 from .schedules import get_schedule
 from .diffusion import Denoiser
 from tqdm.auto import tqdm
@@ -19,6 +19,9 @@ from .sampling import ddpm
 def load_denoiser(name: str = 'ddpm_fashion', map_location='cpu', clip_x0: float = None):
     "A shipped model (by name in data/, or a checkpoint path) as a Denoiser with its own schedule and parameterization (clip_x0=1.0 keeps its clean estimate in the data range); also returns the checkpoint's JSON."
     model, info = load_pretrained(name, map_location=map_location)
+    if type(model).__name__ != 'UNet':  # a classifier, say: it does not map x_t to a prediction shaped like x_t
+        raise CheckpointError(f"{name} holds a {type(model).__name__}, not a diffusion model (a UNet); the shipped diffusion models: "
+                              + ', '.join(m for m in available_models() if read_info(pretrained_dir() / m).get('model_class') == 'UNet'))
     sch = info.get('schedule') or {}
     schedule = get_schedule(sch.get('name', 'linear'), sch.get('T', 1000), sch.get('zero_snr', False))
     return Denoiser(model, schedule, info.get('param', 'eps'), clip_x0=clip_x0), info
