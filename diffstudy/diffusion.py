@@ -83,8 +83,7 @@ class Denoiser:
     def clip(self, pred: Prediction, x_t, alpha, sigma) -> Prediction:
         "Clip the clean estimate to [-clip_x0, clip_x0] and make eps consistent with it; nothing when clip_x0 is None (guidance wrappers clip their guided estimate here)."
         if self.clip_x0 is None: return pred
-        x0 = pred.x0.clamp(-self.clip_x0, self.clip_x0)
-        return Prediction(x0, (x_t - _per_sample(alpha, x_t) * x0) / _per_sample(sigma, x_t))
+        return Prediction(*to_x0_eps(pred.x0.clamp(-self.clip_x0, self.clip_x0), x_t, alpha, sigma, 'x0'))
 
     def with_cond(self, **cond) -> 'Denoiser':
         "The same denoiser with other conditioning (for example `y=labels` for a class-conditional network)."

@@ -33,7 +33,7 @@ class NoisyClassifier(UNet):
         return self.head(self.encode(x, t)[0])
 
 # %% ../nbs/08_classifier_guidance.ipynb #f54a37f4
-from .diffusion import _per_sample
+from .diffusion import _per_sample, to_x0_eps
 
 GUIDANCE_FORMS = ('score', 'mean')
 
@@ -82,8 +82,8 @@ class ClassifierGuidance:
         if self.form == 'mean': return self.denoiser(x_t, t)._replace(grad=g)
         pred = _unclipped(self.denoiser)(x_t, t)
         _, alpha, sigma = self.denoiser.coefficients(x_t, t)
-        eps = pred.eps - _per_sample(sigma, x_t) * g
-        return self.denoiser.clip(Prediction((x_t - _per_sample(sigma, x_t) * eps) / _per_sample(alpha, x_t), eps), x_t, alpha, sigma)
+        guided = Prediction(*to_x0_eps(pred.eps - _per_sample(sigma, x_t) * g, x_t, alpha, sigma, 'eps'))  # eps - sigma s grad, and its x0
+        return self.denoiser.clip(guided, x_t, alpha, sigma)
 
 # %% ../nbs/09_cfg.ipynb #59f3212c
 def class_index(label, classes=CLASSES) -> int:
