@@ -75,6 +75,10 @@ def ve_sigma(schedule, t):
 def sigma_to_t(schedule, sigma):
     "The (fractional) timestep whose noise-to-signal ratio is sigma: the inverse of ve_sigma, linear in log-SNR between integer timesteps."
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    if torch.isinf(sigma).any():  # SNR 0: only the last timestep of a zero-terminal-SNR schedule has it
+        if schedule.alphas_cumprod[-1] > 0: raise ValueError(f"sigma = inf (SNR 0) is beyond this schedule, whose terminal SNR is {schedule.snr(schedule.T - 1).item():.3g}")
+        t = sigma_to_t(schedule, torch.where(torch.isinf(sigma), 1.0, sigma))
+        return torch.where(torch.isinf(sigma), float(schedule.T - 1), t)
     lam = schedule.log_snrs.numpy()  # the schedule's lambda_t table, decreasing in t
     target = -2 * torch.log(sigma)
     if (target > lam[0] + 1e-9).any() or (target < lam[-1] - 1e-9).any():
@@ -83,10 +87,13 @@ def sigma_to_t(schedule, sigma):
     return torch.as_tensor(t, dtype=torch.float64)
 
 def karras_sigmas(schedule, steps: int, rho: float = 7.0):
-    "Karras et al.'s noise levels: sigma^(1/rho) evenly spaced from the schedule's largest to its smallest sigma, then 0 (steps + 1 values)."
+    "Karras et al.'s noise levels: sigma^(1/rho) evenly spaced from the schedule's largest to its smallest sigma, then 0 (steps + 1 values). A zero-terminal-SNR schedule starts at sigma = inf and ramps from its largest finite sigma."
     s_max, s_min = ve_sigma(schedule, schedule.T - 1).item(), ve_sigma(schedule, 0).item()
+    zero_snr = math.isinf(s_max)
+    if zero_snr: s_max = ve_sigma(schedule, schedule.T - 2).item()
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
     sig = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    if zero_snr: sig[0] = math.inf
     return torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
 
 def model_sigmas(schedule, steps: int, spacing: str = 'trailing'):
@@ -110,16 +117,22 @@ def _sigma_loop(denoiser, x, sigmas, update, callback=None):
     "The one loop of the sigma-space samplers: x~ = x / alpha, and update(D, x~, x0_hat, sigma, sigma_next) -> x~ at sigma_next for each step."
     _check_start(denoiser, x)
     sched = denoiser.schedule
-    def D(x_ve, s, t=None):  # the denoiser's prediction at x_t = alpha x~, alpha = 1 / sqrt(1 + sigma^2)
-        pred = denoiser(x_ve / math.sqrt(1 + s * s), sigma_to_t(sched, s).item() if t is None else t)
+    def predict(x_t, t):
+        pred = denoiser(x_t, t)
         if pred.grad is not None: raise ValueError("the ODE samplers have no step variance for the mean-shift form of guidance; use form='score' (or the ddpm sampler)")
         return pred
+    def D(x_ve, s, t=None):  # the denoiser's prediction at x_t = alpha x~, alpha = 1 / sqrt(1 + sigma^2)
+        return predict(x_ve / math.sqrt(1 + s * s), sigma_to_t(sched, s).item() if t is None else t)
     ts = sigma_to_t(sched, sigmas[:-1]).tolist()
-    x = x * math.sqrt(1 + sigmas[0].item() ** 2)
+    if math.isfinite(sigmas[0].item()): x = x * math.sqrt(1 + sigmas[0].item() ** 2)
     for i, t in enumerate(ts):
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()
-        pred = D(x, s, t)
-        x = update(D, x, pred.x0, s, s_next)
+        if math.isinf(s):  # SNR 0 (a zero-terminal-SNR schedule's first step): x is pure noise, x~ = x * inf, and every solver's first-order step tends to x~' = x0_hat + sigma' eps_hat
+            pred = predict(x, t)
+            x = pred.x0 + s_next * pred.eps
+        else:
+            pred = D(x, s, t)
+            x = update(D, x, pred.x0, s, s_next)
         if callback is not None: callback(i, t, x / math.sqrt(1 + s_next * s_next), pred)
     return x
 

@@ -32,11 +32,12 @@ class Schedule:
             if t == int(t): return self.alphas_cumprod[int(t)]
             lo = min(int(t), self.T - 2)
             return torch.sigmoid(torch.lerp(self.log_snrs[lo], self.log_snrs[lo + 1], t - lo))
-        t = torch.as_tensor(t, dtype=torch.float64)
+        t = torch.as_tensor(t)
+        dev, t = t.device, t.to('cpu', torch.float64)  # the tables live on the CPU; the answer goes back to t's device
         if ((t < 0) | (t > self.T - 1)).any(): raise ValueError(f"timesteps must lie in [0, {self.T - 1}], got {t.min().item()} to {t.max().item()}")
-        if (t == t.round()).all(): return self.alphas_cumprod[t.long()]
+        if (t == t.round()).all(): return self.alphas_cumprod[t.long()].to(dev)
         lo = t.floor().long().clamp(max=self.T - 2); w = t - lo
-        return torch.sigmoid(torch.lerp(self.log_snrs[lo], self.log_snrs[lo + 1], w))
+        return torch.sigmoid(torch.lerp(self.log_snrs[lo], self.log_snrs[lo + 1], w)).to(dev)
 
     def alpha_bar(self, t): return self._lookup(t)
     def alpha(self, t): "Signal scale sqrt(alpha-bar_t)."; return self._lookup(t).sqrt()

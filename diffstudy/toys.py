@@ -98,7 +98,7 @@ class GaussianMixture:
     def noised(self, alpha: float, sigma: float):
         "The distribution of x_t = alpha x_0 + sigma eps: again a Gaussian mixture (means alpha mu_k, covariances alpha^2 Sigma_k + sigma^2 I)."
         alpha, sigma = float(alpha), float(sigma)
-        if not alpha > 0: raise ValueError(f"alpha must be positive, got {alpha}")
+        if not alpha >= 0: raise ValueError(f"alpha must be non-negative (0 at SNR 0, where x_t is pure noise), got {alpha}")
         if not sigma >= 0: raise ValueError(f"sigma must be non-negative, got {sigma}")
         eye = torch.eye(self.d, dtype=torch.float64)
         return GaussianMixture(alpha * self.means, alpha ** 2 * self.covs + sigma ** 2 * eye, self.weights,

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
-from .schedules import get_schedule
-from .diffusion import diffusion_loss, Denoiser
+from .schedules import get_schedule, SCHEDULES
+from .diffusion import diffusion_loss, Denoiser, PARAMETERIZATIONS, WEIGHTINGS, lognormal_timesteps
 from .unet import UNet, UNetConfig
 from .checkpoints import save_checkpoint, load_training_state, read_info, CheckpointError
 
@@ -39,6 +39,9 @@ class TrainConfig:
     keep: int = 2  # checkpoints kept
     data: str = 'fashion_mnist'
     label_dropout: float = 0.0  # class-conditional models only: the fraction of labels replaced by the null class, so one network also learns p(x) (classifier-free guidance)
+    weighting: str = None  # the loss's x0 weighting (diffusion.WEIGHTINGS: eps, x0, v, min_snr, edm); None: the param's own (notebook 10)
+    min_snr_gamma: float = 5.0  # gamma of the min_snr weighting
+    t_sampling: str = 'uniform'  # training timesteps: 'uniform' over 0..T-1, or 'lognormal' (EDM's log sigma ~ N(-1.2, 1.2^2), fractional timesteps; notebook 10)
 
 CONFIGS = {
     'tiny': TrainConfig(model=dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,)),
@@ -97,6 +100,9 @@ def train(cfg: TrainConfig, out_dir, resume: bool = False, data=None, progress: 
     "Train a U-Net with `cfg`, writing checkpoints to `out_dir`; resume from its latest checkpoint if asked. Returns the loss history."
     from accelerate import Accelerator
     if cfg.steps < 1 or cfg.batch_size < 1: raise ValueError(f"steps and batch_size must be positive, got {cfg.steps} and {cfg.batch_size}")
+    if cfg.param not in PARAMETERIZATIONS: raise ValueError(f"unknown param {cfg.param!r}; choose one of {', '.join(PARAMETERIZATIONS)}")
+    if cfg.weighting is not None and cfg.weighting not in WEIGHTINGS: raise ValueError(f"unknown weighting {cfg.weighting!r}; choose one of {', '.join(WEIGHTINGS)}, or None for the param's own")
+    if cfg.t_sampling not in ('uniform', 'lognormal'): raise ValueError(f"unknown t_sampling {cfg.t_sampling!r}; choose 'uniform' or 'lognormal'")
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision='bf16' if torch.cuda.is_available() else 'no')
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % world: raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
@@ -133,7 +139,7 @@ def train(cfg: TrainConfig, out_dir, resume: bool = False, data=None, progress: 
     for step in bar:
         g = torch.Generator().manual_seed(_batch_seed(cfg.seed, step))
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
-        t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=g)
+        t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=g) if cfg.t_sampling == 'uniform' else lognormal_timesteps(schedule, cfg.batch_size, generator=g)
         eps = torch.randn(cfg.batch_size, C, H, H, generator=g)
         x0 = images[idx[lo:hi]].to(acc.device)
         cond = {}
@@ -142,7 +148,8 @@ def train(cfg: TrainConfig, out_dir, resume: bool = False, data=None, progress: 
             cond['y'] = y[lo:hi].to(acc.device)
         for group in opt.param_groups: group['lr'] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
         with acc.autocast():
-            loss = diffusion_loss(model, x0, schedule, cfg.param, t=t[lo:hi].to(acc.device), eps=eps[lo:hi].to(acc.device), **cond)
+            loss = diffusion_loss(model, x0, schedule, cfg.param, t=t[lo:hi].to(acc.device), eps=eps[lo:hi].to(acc.device),
+                                  weighting=cfg.weighting, gamma=cfg.min_snr_gamma, **cond)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss.item()} at step {step}: training diverged. Lower the learning rate (now {cfg.lr}) "
                                      f"or lengthen the warm-up (now {cfg.warmup}); the last good checkpoint is {latest_checkpoint(out)}")
@@ -184,6 +191,11 @@ def train_cli(config: Param("named configuration: " + ', '.join(CONFIGS), str) =
               seed: Param("seed for weights, batches and noise", int) = None,
               ckpt_every: Param("steps between checkpoints", int) = None,
               sample_every: Param("steps between sample grids (0: none)", int) = None,
+              param: Param("what the network predicts: eps, x0 or v", str) = None,
+              schedule: Param("noise schedule: linear, scaled_linear or cosine", str) = None,
+              zero_snr: Param("rescale the schedule to zero terminal SNR", bool) = False,
+              weighting: Param("loss weighting: eps, x0, v, min_snr or edm (default: the param's own)", str) = None,
+              t_sampling: Param("training timesteps: uniform or lognormal (EDM)", str) = None,
               resume: Param("continue from the latest checkpoint in --out", bool) = False,
               quiet: Param("no progress bar", bool) = False):
     "Train a diffusion U-Net on FashionMNIST with the package's own loop."
@@ -193,6 +205,10 @@ def train_cli(config: Param("named configuration: " + ', '.join(CONFIGS), str) =
         if v is not None:
             if (k != 'seed' and k != 'sample_every' and v <= 0) or (k in ('seed', 'sample_every') and v < 0): _fail(f"--{k} must be positive, got {v}")
             setattr(cfg, k, v)
+    for k, v in dict(param=param, schedule=schedule, weighting=weighting, t_sampling=t_sampling).items():
+        if v is not None: setattr(cfg, k, v)
+    if zero_snr: cfg.zero_snr = True
+    if cfg.schedule not in SCHEDULES: _fail(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     out = Path(out or f'runs/{config}')
     if out.exists() and not out.is_dir(): _fail(f"--out {out} exists and is not a folder")
     if not resume and latest_checkpoint(out) is not None: _fail(f"{out} already holds checkpoints; pass --resume to continue, or choose another --out")
