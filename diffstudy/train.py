@@ -54,6 +54,8 @@ CONFIGS = {
                                 steps=1700, batch_size=64, lr=5e-4, warmup=100, ema_decay=0.999, ckpt_every=250, sample_every=500, label_dropout=0.1),
 }
 
+_OBJECTIVE_FIELDS = ('param', 'schedule', 'zero_snr', 'weighting', 'min_snr_gamma', 't_sampling')  # what a resumed run must share with its checkpoint
+
 def _batch_seed(seed: int, step: int) -> int: return (seed * 1_000_003 + step) % (2 ** 63)
 
 def ema_warmup_avg_fn(decay: float):
@@ -126,6 +128,10 @@ def train(cfg: TrainConfig, out_dir, resume: bool = False, data=None, progress: 
         info = load_training_state(ck, model, ema, opt)
         if info.get('train_config', {}).get('model') != json.loads(json.dumps(asdict(cfg)))['model']:
             raise CheckpointError(f"{ck} was trained with another model configuration; use a new output folder")
+        saved = info.get('train_config', {})
+        changed = [f"{k} {saved.get(k, TrainConfig.__dataclass_fields__[k].default)!r} -> {getattr(cfg, k)!r}" for k in _OBJECTIVE_FIELDS
+                   if saved.get(k, TrainConfig.__dataclass_fields__[k].default) != getattr(cfg, k)]
+        if changed: raise CheckpointError(f"{ck} was trained with another objective ({'; '.join(changed)}); resume with the same options, or use a new output folder")
         start, history, wall0 = info['step'], info.get('history', history), info.get('wall_time_s', 0.0)
     if start >= cfg.steps: return history
     ema.to(acc.device)
