@@ -36,13 +36,15 @@ def model_config(model) -> dict:
     cfg = getattr(model, 'config', None)
     if dataclasses.is_dataclass(cfg): return dataclasses.asdict(cfg)
     if isinstance(cfg, dict): return dict(cfg)
-    raise CheckpointError(f"cannot describe a {type(model).__name__} in a checkpoint: it has no `config` (a dataclass, or a dict "
-                          f"of its constructor's arguments); networks of the package: {', '.join(network_classes())}")
+    known = ', '.join(network_classes())
+    raise CheckpointError(f"cannot describe a {type(model).__name__} in a checkpoint: it has no `config` (a dataclass, "
+                          f"or a dict of its constructor's arguments); networks of the package: {known}")
 
 def hardware() -> dict:
     "What this process runs on: for a checkpoint's JSON."
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__, cpus=os.cpu_count(),
+    return dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+                cpus=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), cuda=gpu)
 
 # %% ../nbs/04_checkpoints.ipynb #0f1ea095
@@ -81,18 +83,22 @@ def _fsync_dir(path):
         fd = os.open(path, os.O_RDONLY); os.fsync(fd); os.close(fd)
     except OSError: pass
 
-def save_checkpoint(path, model, ema=None, optimizer=None, step: int = 0, meta: dict = None, dtype=None, extra: dict = None) -> Path:
-    """Write a checkpoint folder atomically: model (and EMA) weights and optimizer tensors as safetensors, everything else as JSON.
-    `extra` maps names to more modules, optimizers or dicts of state (a second network, a random stream), each saved as NAME.safetensors."""
+def save_checkpoint(path, model, ema=None, optimizer=None, step: int = 0, meta: dict = None, dtype=None,
+                    extra: dict = None) -> Path:
+    """Write a checkpoint folder atomically: model (and EMA) weights and optimizer tensors as safetensors, everything
+    else as JSON. `extra` maps names to more modules, optimizers or dicts of state (a second network, a random
+    stream), each saved as NAME.safetensors."""
     path = Path(path)
     for name in extra or {}:
         if not name.replace('.', '').replace('_', '').isalnum() or name in ('model', 'ema', 'optimizer'):
-            raise ValueError(f"extra state names must be letters, digits, '_' and '.', other than model, ema and optimizer: got {name!r}")
+            raise ValueError("extra state names must be letters, digits, '_' and '.', other than model, ema and "
+                             f"optimizer: got {name!r}")
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
     if tmp.exists(): shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        cast = lambda sd: {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        store = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        cast = lambda sd: {k: store(v).detach().cpu().contiguous()
                            for k, v in sd.items()}
         save_file(cast(model.state_dict()), tmp / 'model.safetensors')
         info = dict(format=FORMAT, model_class=type(model).__name__, config=model_config(model), step=int(step),
@@ -126,10 +132,12 @@ def read_info(path) -> dict:
     path = Path(path)
     if not path.exists(): raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
     if not path.is_dir() or not (path / 'checkpoint.json').is_file():
-        raise CheckpointError(f"{path} is not a diffstudy checkpoint: expected a folder with checkpoint.json and model.safetensors")
+        raise CheckpointError(f"{path} is not a diffstudy checkpoint: expected a folder with checkpoint.json and "
+                              "model.safetensors")
     try: info = json.loads((path / 'checkpoint.json').read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / 'checkpoint.json'} is not valid JSON ({e}); the file is truncated or corrupt") from None
+        raise CheckpointError(f"{path / 'checkpoint.json'} is not valid JSON ({e}); the file is truncated or "
+                              "corrupt") from None
     if info.get('format') != FORMAT:
         raise CheckpointError(f"{path / 'checkpoint.json'} has format {info.get('format')!r}, expected {FORMAT!r}")
     return info
@@ -146,12 +154,14 @@ def _load_into(module, file, prefix: str = ''):
     if prefix: sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model "
+              f"{tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         few = lambda ks: f"{ks[:5]}{' ...' if len(ks) > 5 else ''}"
         problems = [s for s in (missing and f"missing {few(missing)}", unexpected and f"unexpected {few(unexpected)}",
                                 shapes and f"shape mismatch {shapes[:3]}") if s]
-        raise CheckpointError(f"{file} does not match the model described by its checkpoint.json: " + '; '.join(problems))
+        raise CheckpointError(f"{file} does not match the model described by its checkpoint.json: "
+                              + '; '.join(problems))
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
     return module
 
@@ -159,11 +169,13 @@ def build_model(info: dict):
     "An untrained network of the class and config a checkpoint's JSON names."
     models = network_classes()
     name = info.get('model_class')
-    if name not in models: raise CheckpointError(f"unknown model class {name!r} in checkpoint; known: {', '.join(models)}")
+    if name not in models:
+        raise CheckpointError(f"unknown model class {name!r} in checkpoint; known: {', '.join(models)}")
     cls = models[name]
     config_cls = getattr(inspect.signature(cls).parameters.get('config'), 'annotation', None)
     try: return cls(config_cls(**info['config'])) if dataclasses.is_dataclass(config_cls) else cls(**info['config'])
-    except (TypeError, ValueError) as e: raise CheckpointError(f"the checkpoint's config does not build a {name}: {e}") from None
+    except (TypeError, ValueError) as e: raise CheckpointError(f"the checkpoint's config does not build a {name}: "
+                                                               f"{e}") from None
 
 def load_checkpoint(path, weights: str = 'ema', map_location='cpu'):
     "Load a checkpoint folder: returns (model, info). `weights` is 'ema' (the default, when present) or 'model'."
@@ -171,25 +183,27 @@ def load_checkpoint(path, weights: str = 'ema', map_location='cpu'):
     model = build_model(info)
     path = Path(path)
     if weights == 'ema' and (path / 'ema.safetensors').exists():
-        _load_into(model, path / 'ema.safetensors', prefix='module.')  # an AveragedModel's state: 'module.*' plus n_averaged
+        _load_into(model, path / 'ema.safetensors', prefix='module.')  # an AveragedModel: 'module.*' and n_averaged
     else: _load_into(model, path / 'model.safetensors')
     return model.to(map_location).eval(), info
 
 def load_training_state(path, model, ema=None, optimizer=None, extra: dict = None) -> dict:
-    """Restore model, EMA, optimizer and `extra` (as given to save_checkpoint) in place, for an exact resume; returns the JSON.
-    Dicts in `extra` are filled with the saved values."""
+    """Restore model, EMA, optimizer and `extra` (as given to save_checkpoint) in place, for an exact resume; returns
+    the JSON. Dicts in `extra` are filled with the saved values."""
     info = read_info(path)
     path = Path(path)
     _load_into(model, path / 'model.safetensors')
     if ema is not None: _load_into(ema, path / 'ema.safetensors')
     def load_optimizer(opt, file, meta):
         try: opt.load_state_dict(_optimizer_from_files(_load_tensors(file), meta))
-        except (ValueError, KeyError, RuntimeError) as e: raise CheckpointError(f"{file} does not match the optimizer: {e}") from None
+        except (ValueError, KeyError, RuntimeError) as e: raise CheckpointError(f"{file} does not match the "
+                                                                                f"optimizer: {e}") from None
     if optimizer is not None:
         if 'optimizer' not in info: raise CheckpointError(f"{path} holds no optimizer state: it cannot resume training")
         load_optimizer(optimizer, path / 'optimizer.safetensors', info['optimizer'])
     for name, obj in (extra or {}).items():
-        if name not in info.get('extra', {}): raise CheckpointError(f"{path} holds no {name!r} state: it cannot resume this training")
+        if name not in info.get('extra', {}):
+            raise CheckpointError(f"{path} holds no {name!r} state: it cannot resume this training")
         file, plain = path / f'{name}.safetensors', info['extra'][name]
         if isinstance(obj, nn.Module): _load_into(obj, file)
         elif isinstance(obj, torch.optim.Optimizer): load_optimizer(obj, file, plain)
@@ -207,7 +221,8 @@ def available_models() -> list:
     return sorted(p.name for p in d.iterdir() if (p / 'checkpoint.json').is_file()) if d.is_dir() else []
 
 def export_model(checkpoint, dest, dtype=torch.float16, weights: str = 'ema') -> Path:
-    "Write a shippable copy of a training checkpoint: the EMA weights only (fp16 storage by default), its JSON without optimizer state."
+    """Write a shippable copy of a training checkpoint: the EMA weights only (fp16 storage by default), its JSON without
+    optimizer state."""
     model, info = load_checkpoint(checkpoint, weights=weights)
     dropped = ('format', 'model_class', 'config', 'step', 'optimizer', 'extra', 'hardware', 'saved_at')
     meta = {k: v for k, v in info.items() if k not in dropped}
@@ -220,6 +235,10 @@ def load_pretrained(name: str, map_location='cpu'):
     p = Path(name)
     if not p.is_dir():
         p = pretrained_dir() / name
+        if not pretrained_dir().is_dir():
+            raise CheckpointError(f"unknown model {name!r}: the shipped models live in the repository's data/ folder, "
+                                  f"which this installation does not have ({pretrained_dir()}); install from a clone "
+                                  "with `pip install -e .`, or pass the path of a checkpoint folder")
         if not p.is_dir():
             raise CheckpointError(f"unknown model {name!r}: not a checkpoint folder, and not one of the shipped models "
                                   f"({', '.join(available_models()) or 'none yet'}) in {pretrained_dir()}")

@@ -59,8 +59,8 @@ def _read_idx_cached(path: str, size: int, mtime: float) -> np.ndarray:
     shape = struct.unpack(f'>{ndim}I', raw[4:header])
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
-        raise CorruptDataError(f"{p} holds {len(raw)} bytes after decompression, but its header {shape} needs {expected}: "
-                               "the file is truncated or corrupt; delete it and get FashionMNIST again")
+        raise CorruptDataError(f"{p} holds {len(raw)} bytes after decompression, but its header {shape} needs "
+                               f"{expected}: the file is truncated or corrupt; delete it and get FashionMNIST again")
     arr = np.frombuffer(raw, dtype=_IDX_TYPES[dtype_code], offset=header).reshape(shape)
     arr.setflags(write=False)
     return arr
@@ -82,8 +82,10 @@ def _ways_to_get(tried) -> str:
             "  1. pass root=FOLDER holding the four *-ubyte.gz files;\n"
             "  2. set DIFFSTUDY_DATA=FOLDER;\n"
             "  3. put the files in data/fashion-mnist inside the repository;\n"
-            "  4. install Debian's package: apt-get install dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist);\n"
-            "  (last, with internet access, fashion_mnist(download=True) fetches them through torchvision into ~/.cache/diffstudy).")
+            "  4. install Debian's package: apt-get install dataset-fashion-mnist (files in "
+            "/usr/share/datasets/fashion-mnist);\n"
+            "  (last, with internet access, fashion_mnist(download=True) fetches them through torchvision into "
+            "~/.cache/diffstudy).")
 
 def find_fashion_mnist(root=None, download=True) -> Path:
     "The folder holding FashionMNIST's four gzipped IDX files, searched in the documented order."
@@ -101,7 +103,8 @@ def find_fashion_mnist(root=None, download=True) -> Path:
             torchvision.datasets.FashionMNIST(str(cache_dir()), train=True, download=True)
             torchvision.datasets.FashionMNIST(str(cache_dir()), train=False, download=True)
         except Exception as e:  # offline, or torchvision missing
-            raise DataNotFoundError(_ways_to_get([t for t in tried if t] + [f'download ({type(e).__name__})'])) from None
+            raise DataNotFoundError(_ways_to_get([t for t in tried if t] + ['download '
+                                                                            f'({type(e).__name__})'])) from None
         if _has_files(cache): return cache
     raise DataNotFoundError(_ways_to_get([t for t in tried if t]))
 
@@ -114,7 +117,8 @@ class FashionMNIST(torch.utils.data.Dataset):
     classes: tuple = CLASSES
     def __len__(self): return len(self.labels)
     def __getitem__(self, i): return self.images[i], self.labels[i]
-    def __repr__(self): return f"FashionMNIST({len(self)} images {tuple(self.images.shape[1:])}, {len(self.classes)} classes)"
+    def __repr__(self):
+        return f"FashionMNIST({len(self)} images {tuple(self.images.shape[1:])}, {len(self.classes)} classes)"
 
 def to_model_range(u8: torch.Tensor, pad: int = 2) -> torch.Tensor:
     "Grey levels 0..255 (N x 28 x 28, uint8) to float32 N x 1 x 32 x 32 in [-1, 1], padded with -1."
@@ -131,7 +135,8 @@ def fashion_mnist(split: str = 'train',  # 'train' (60,000 images) or 'test' (10
     fi, fl = (d / f for f in _FILES[split])
     imgs, labels = read_idx(fi), read_idx(fl)
     n = _COUNTS[split]
-    if imgs.shape != (n, 28, 28): raise CorruptDataError(f"{fi} holds images of shape {imgs.shape}, expected {(n, 28, 28)}")
+    if imgs.shape != (n, 28, 28):
+        raise CorruptDataError(f"{fi} holds images of shape {imgs.shape}, expected {(n, 28, 28)}")
     if labels.shape != (n,): raise CorruptDataError(f"{fl} holds labels of shape {labels.shape}, expected {(n,)}")
     if labels.max() >= len(CLASSES): raise CorruptDataError(f"{fl} holds a label {labels.max()} outside 0..9")
     return FashionMNIST(to_model_range(torch.from_numpy(imgs.copy())), torch.from_numpy(labels.astype(np.int64)))

@@ -24,7 +24,8 @@ def load_denoiser(name: str = 'ddpm_fashion', map_location='cpu', clip_x0: float
     model, info = load_pretrained(name, map_location=map_location)
     if type(model).__name__ != 'UNet':  # a classifier, say: it does not map x_t to a prediction shaped like x_t
         unets = [m for m in available_models() if read_info(pretrained_dir() / m).get('model_class') == 'UNet']
-        raise CheckpointError(f"{name} holds a {type(model).__name__}, not a diffusion model (a UNet); the shipped diffusion models: "
+        raise CheckpointError(f"{name} holds a {type(model).__name__}, not a diffusion model (a UNet); the shipped "
+                              "diffusion models: "
                               + ', '.join(unets))
     sch = info.get('schedule') or {}
     schedule = get_schedule(sch.get('name', 'linear'), sch.get('T', 1000), sch.get('zero_snr', False))
@@ -36,14 +37,16 @@ def sample_cli(model: Param("a shipped model name (in data/) or a checkpoint fol
                n: Param("number of images", int) = 64,
                sampler: Param("sampler: ddpm, ddim, euler, heun or dpmpp_2m", str) = 'dpmpp_2m',
                steps: Param("sampling steps (Heun makes 2 steps - 1 model evaluations)", int) = 50,
-               sigmas: Param("noise levels of the ODE samplers: 'model' (the model's own timesteps) or 'karras'", str) = 'model',
+               sigmas: Param("noise levels of the ODE samplers: 'model' (the model's own timesteps) or "
+                             "'karras'", str) = 'model',
                seed: Param("seed: the same seed gives the same images", int) = 0,
                out: Param("output PNG file", str) = 'samples.png',
                nrow: Param("images per row of the grid", int) = 8,
                label: Param("class to draw, by name (ankle_boot) or index, for a class-conditional model", str) = None,
-               guidance: Param("classifier-free guidance scale w >= 0 with --label (0: the plain conditional model)", float) = None):
-    """Sample images from a trained diffusion model and save them as a PNG grid. The defaults are the course's best pixel model
-    with the sampler and step count at which it scored its best FID."""
+               guidance: Param("classifier-free guidance scale w >= 0 with --label (0: the plain conditional model)",
+                               float) = None):
+    """Sample images from a trained diffusion model and save them as a PNG grid. The defaults are the course's best
+    pixel model with the sampler and step count at which it scored its best FID."""
     from torchvision.utils import save_image
     fail = lambda msg: cli_error('diffstudy_sample', msg)
     if sampler not in SAMPLERS: fail(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -52,14 +55,15 @@ def sample_cli(model: Param("a shipped model name (in data/) or a checkpoint fol
     o = Path(out)
     if o.suffix.lower() != '.png': fail(f"--out must name a .png file, got {out}")
     if not o.parent.exists() or not o.parent.is_dir(): fail(f"cannot write {out}: the folder {o.parent} does not exist")
-    try: den, info = load_denoiser(model, clip_x0=1.0)  # the clean estimate kept in [-1, 1] at every step, as every FID was measured
+    try: den, info = load_denoiser(model, clip_x0=1.0)  # the clean estimate kept in [-1, 1], as every FID was measured
     except CheckpointError as e: fail(e)
     if steps > den.schedule.T: fail(f"--steps must be at most {den.schedule.T}, got {steps}")
     labels, what = None, ''
     if guidance is not None and label is None: fail("--guidance needs --label (the class to guide towards)")
     if label is not None:
         if getattr(den.net.config, 'num_classes', None) is None:
-            fail(f"{model} has no class conditioning: --label needs a class-conditional model (such as ddpm_fashion_cond)")
+            fail(f"{model} has no class conditioning: --label needs a class-conditional model (such as "
+                 "ddpm_fashion_cond)")
         if guidance is not None and not guidance >= 0: fail(f"--guidance must be >= 0, got {guidance}")
         try: y = class_index(label)
         except ValueError as e: fail(e)

@@ -17,12 +17,13 @@ from .nets.unet import NoisyClassifier, NoisyClassifierConfig
 GUIDANCE_FORMS = ('score', 'mean')
 
 class DenoiserWrapper:
-    """A denoiser built on another: it shares the inner denoiser's schedule, sample shape, timestep handling and clipping, so
-    wrappers stack. Subclasses define `__call__(x_t, t, **cond)`, mixing `self.denoiser.unclipped()` and clipping the result."""
+    """A denoiser built on another: it shares the inner denoiser's schedule, sample shape, timestep handling and
+    clipping, so wrappers stack. Subclasses define `__call__(x_t, t, **cond)`, mixing `self.denoiser.unclipped()` and
+    clipping the result."""
     def __init__(self, denoiser):
         if not callable(denoiser) or not hasattr(denoiser, 'schedule'):
-            raise TypeError(f"{type(self).__name__} wraps a denoiser (a diffstudy.diffusion.Denoiser or another wrapper), got "
-                            f"{type(denoiser).__name__}: build one with Denoiser(net, schedule, param)")
+            raise TypeError(f"{type(self).__name__} wraps a denoiser (a diffstudy.diffusion.Denoiser or another "
+                            f"wrapper), got {type(denoiser).__name__}: build one with Denoiser(net, schedule, param)")
         self.denoiser = denoiser
 
     schedule = property(lambda self: self.denoiser.schedule)
@@ -42,14 +43,17 @@ class DenoiserWrapper:
         return new
 
 class ClassifierGuidance(DenoiserWrapper):
-    """Classifier guidance as a denoiser: `denoiser` steered by s * grad log p(y | x_t, t) of a noisy `classifier(x_t, t)`.
-    Form 'score' corrects eps (every sampler); form 'mean' shifts an ancestral step's mean by Sigma s grad (Algorithm 1)."""
+    """Classifier guidance as a denoiser: `denoiser` steered by s * grad log p(y | x_t, t) of a noisy `classifier(x_t,
+    t)`. Form 'score' corrects eps (every sampler); form 'mean' shifts an ancestral step's mean by Sigma s grad
+    (Algorithm 1)."""
     def __init__(self, denoiser, classifier, y, scale: float = 1.0, form: str = 'score'):
         super().__init__(denoiser)
-        if not callable(classifier): raise TypeError(f"the classifier must be callable as classifier(x_t, t) -> logits, got {type(classifier).__name__}")
+        if not callable(classifier):
+            raise TypeError("the classifier must be callable as classifier(x_t, t) -> logits, got "
+                            f"{type(classifier).__name__}")
         if form not in GUIDANCE_FORMS:
-            raise ValueError(f"form must be one of {GUIDANCE_FORMS} ('score': eps correction, every sampler; 'mean': Algorithm 1, "
-                             f"ancestral samplers), got {form!r}")
+            raise ValueError(f"form must be one of {GUIDANCE_FORMS} ('score': eps correction, every sampler; 'mean': "
+                             f"Algorithm 1, ancestral samplers), got {form!r}")
         if not scale >= 0: raise ValueError(f"the guidance scale must be >= 0 (0: the unguided model), got {scale}")
         self.y = torch.as_tensor(y).long().reshape(-1)
         n_cls = getattr(getattr(classifier, 'config', None), 'classes', None)
@@ -70,7 +74,8 @@ class ClassifierGuidance(DenoiserWrapper):
     def grad_log_prob(self, x_t, t):
         "grad over x_t of log p(y | x_t, t) under the classifier, one row per sample."
         n = len(x_t)
-        if len(self.y) not in (1, n): raise ValueError(f"labels must be one class or one per sample ({n}), got {len(self.y)}")
+        if len(self.y) not in (1, n):
+            raise ValueError(f"labels must be one class or one per sample ({n}), got {len(self.y)}")
         t_net, _, _ = self.coefficients(x_t, t)
         y = self.y.to(x_t.device).expand(n)
         with torch.enable_grad():
@@ -78,7 +83,8 @@ class ClassifierGuidance(DenoiserWrapper):
             logits = self.classifier(x, t_net)
             if logits.ndim != 2 or len(logits) != n:
                 raise ValueError(f"the classifier must return logits (N, classes), got shape {tuple(logits.shape)}")
-            if y.max() >= logits.shape[1]: raise ValueError(f"class {y.max().item()} requested of a classifier with {logits.shape[1]} classes")
+            if y.max() >= logits.shape[1]:
+                raise ValueError(f"class {y.max().item()} requested of a classifier with {logits.shape[1]} classes")
             return torch.autograd.grad(torch.log_softmax(logits, 1).gather(1, y[:, None]).sum(), x)[0]
 
     def __call__(self, x_t, t, **cond) -> Prediction:
@@ -89,7 +95,7 @@ class ClassifierGuidance(DenoiserWrapper):
             return pred._replace(grad=g if pred.grad is None else pred.grad + g)
         pred = self.denoiser.unclipped()(x_t, t, **cond)
         _, alpha, sigma = self.coefficients(x_t, t)
-        x0, eps = to_x0_eps(pred.eps - per_sample(sigma, x_t) * g, x_t, alpha, sigma, 'eps')  # eps - sigma s grad, and its x0
+        x0, eps = to_x0_eps(pred.eps - per_sample(sigma, x_t) * g, x_t, alpha, sigma, 'eps')  # eps - sigma s grad
         return self.clip(Prediction(x0, eps, pred.grad), x_t, alpha, sigma)
 
 # %% ../nbs/09_cfg.ipynb #59f3212c
@@ -115,30 +121,36 @@ def _per_batch(cond: dict, n: int) -> dict:
     return out
 
 class ClassifierFreeGuidance(DenoiserWrapper):
-    """Classifier-free guidance as a denoiser, usable with every sampler: eps = (1 + w) eps(x_t, cond) - w eps(x_t, uncond) from one
-    network that knows both. `cond` and `uncond` are keyword arguments of the network; class labels `y` (with the null class as
-    the unconditional counterpart) are a shorthand for them."""
-    def __init__(self, denoiser, y=None, w: float = 1.0, null_class: int = None, cond: dict = None, uncond: dict = None):
+    """Classifier-free guidance as a denoiser, usable with every sampler: eps = (1 + w) eps(x_t, cond) - w eps(x_t,
+    uncond) from one network that knows both. `cond` and `uncond` are keyword arguments of the network; class labels
+    `y` (with the null class as the unconditional counterpart) are a shorthand for them."""
+    def __init__(self, denoiser, y=None, w: float = 1.0, null_class: int = None, cond: dict = None,
+                 uncond: dict = None):
         super().__init__(denoiser)
         if not w >= 0: raise ValueError(f"the guidance scale w must be >= 0 (0: the plain conditional model), got {w}")
         if y is not None:
             if null_class is None: null_class = getattr(getattr(denoiser.net, 'config', None), 'num_classes', None)
             if null_class is None:
-                raise ValueError("classifier-free guidance needs a class-conditional network (a U-Net with num_classes, trained with label "
-                                 "dropout); this one has no class conditioning. For another network, pass null_class=")
+                raise ValueError("classifier-free guidance needs a class-conditional network (a U-Net with "
+                                 "num_classes, trained with label dropout); this one has no class conditioning. For "
+                                 "another network, pass null_class=")
             y = torch.as_tensor(y).long().reshape(-1)
             if ((y < 0) | (y >= null_class)).any():
-                raise ValueError(f"class labels must lie in 0..{null_class - 1}, got {y.min().item()} to {y.max().item()}")
+                raise ValueError(f"class labels must lie in 0..{null_class - 1}, got {y.min().item()} to "
+                                 f"{y.max().item()}")
             cond, uncond = dict(y=y), dict(y=torch.tensor([int(null_class)]))
         elif cond is None or uncond is None:
-            raise ValueError("give class labels y, or the conditioning cond= and its unconditional counterpart uncond= (keyword arguments of the network)")
+            raise ValueError("give class labels y, or the conditioning cond= and its unconditional counterpart "
+                             "uncond= (keyword arguments of the network)")
         self.w, self.cond, self.uncond = float(w), dict(cond), dict(uncond)
 
     def __repr__(self): return f"ClassifierFreeGuidance(w={self.w}, {self.denoiser!r})"
 
     def with_cond(self, **cond) -> 'ClassifierFreeGuidance':
         "The same guidance with other conditional arguments (for example `y=labels`); the unconditional ones stay."
-        new = copy.copy(self); new.cond = {**self.cond, **{k: torch.as_tensor(v).long().reshape(-1) if k == 'y' else v for k, v in cond.items()}}
+        new = copy.copy(self)
+        labels = lambda k, v: torch.as_tensor(v).long().reshape(-1) if k == 'y' else v
+        new.cond = {**self.cond, **{k: labels(k, v) for k, v in cond.items()}}
         return new
 
     def __call__(self, x_t, t, **cond) -> Prediction:
@@ -149,7 +161,8 @@ class ClassifierFreeGuidance(DenoiserWrapper):
         if self.w == 0: return self.denoiser(x_t, t, **c)
         inner = self.denoiser.unclipped()  # clip only the guided estimate
         if c.keys() == u.keys() and all(torch.is_tensor(c[k]) and c[k].shape == u[k].shape for k in c):
-            t2 = t if isinstance(t, (int, float)) or torch.as_tensor(t).ndim == 0 else torch.cat([torch.as_tensor(t)] * 2)
+            one_t = isinstance(t, (int, float)) or torch.as_tensor(t).ndim == 0
+            t2 = t if one_t else torch.cat([torch.as_tensor(t)] * 2)
             both = inner(torch.cat([x_t, x_t]), t2, **{k: torch.cat([c[k], u[k].to(c[k].device)]) for k in c})
             (x0_c, x0_u), (eps_c, eps_u) = both.x0.chunk(2), both.eps.chunk(2)
         else:

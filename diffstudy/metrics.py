@@ -18,7 +18,8 @@ def _check_pair(x, y):
     if x.ndim == 1: x = x[:, None]
     if y.ndim == 1: y = y[:, None]
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must be (N, d) and (M, d) sample sets of the same dimension, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"x and y must be (N, d) and (M, d) sample sets of the same dimension, got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
     if len(x) < 2 or len(y) < 2: raise ValueError(f"need at least two samples in each set, got {len(x)} and {len(y)}")
     if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
         raise ValueError("samples contain NaN or infinite values: a sampler diverged; lower its step size")
@@ -31,7 +32,8 @@ def _mean_dist(a, b, chunk=2048):
     return total / (len(a) * len(b))
 
 def energy_distance(x, y) -> float:
-    "Energy distance sqrt(2 E|X-Y| - E|X-X'| - E|Y-Y'|) between sample sets x (N, d) and y (M, d), V-statistic estimate."
+    """Energy distance sqrt(2 E|X-Y| - E|X-X'| - E|Y-Y'|) between sample sets x (N, d) and y (M, d), V-statistic
+    estimate."""
     x, y = _check_pair(x, y)
     d2 = 2 * _mean_dist(x, y) - _mean_dist(x, x) - _mean_dist(y, y)
     return math.sqrt(max(d2, 0.0))
@@ -41,7 +43,8 @@ def sliced_wasserstein(x, y, n_proj: int = 256, p: int = 2, generator=None, n_qu
     x, y = _check_pair(x, y)
     if n_proj < 1: raise ValueError(f"n_proj must be at least 1, got {n_proj}")
     d = x.shape[1]
-    theta = torch.randn(d, n_proj, generator=generator, dtype=torch.float64) if d > 1 else torch.ones(1, 1, dtype=torch.float64)
+    if d > 1: theta = torch.randn(d, n_proj, generator=generator, dtype=torch.float64)
+    else: theta = torch.ones(1, 1, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
     px, py = (x @ theta).sort(0).values, (y @ theta).sort(0).values
     if len(px) != len(py):  # compare quantile functions on a common grid
@@ -52,9 +55,10 @@ def sliced_wasserstein(x, y, n_proj: int = 256, p: int = 2, generator=None, n_qu
 # %% ../nbs/06_evaluation.ipynb #e6a0c002
 @torch.no_grad()
 def classifier_accuracy(model, images, labels, batch_size: int = 1000, t=None) -> float:
-    "Fraction of images the classifier labels correctly; with `t` (one timestep per image) a noise-conditional classifier is called as model(x_t, t)."
+    """Fraction of images the classifier labels correctly; with `t` (one timestep per image) a noise-conditional
+    classifier is called as model(x_t, t)."""
     model.eval()
-    run = (lambda i: model(images[i:i + batch_size])) if t is None else (lambda i: model(images[i:i + batch_size], t[i:i + batch_size]))
+    run = lambda i: model(images[i:i + batch_size], *(() if t is None else (t[i:i + batch_size],)))
     hits = sum((run(i).argmax(1) == labels[i:i + batch_size]).sum().item() for i in range(0, len(images), batch_size))
     return hits / len(images)
 
@@ -65,19 +69,27 @@ def load_classifier(name: str = 'fashion_classifier'):
 
 def _check_images(x):
     if not torch.is_tensor(x): raise TypeError(f"images must be a torch tensor (N, 1, 32, 32), got {type(x).__name__}")
-    if x.ndim == 3: raise ValueError(f"images must be (N, 1, 32, 32); got {tuple(x.shape)}: add the channel axis with x.unsqueeze(1)")
+    if x.ndim == 3:
+        raise ValueError(f"images must be (N, 1, 32, 32); got {tuple(x.shape)}: add the channel axis with "
+                         "x.unsqueeze(1)")
     if x.ndim != 4: raise ValueError(f"images must be (N, 1, 32, 32), got shape {tuple(x.shape)}")
     if x.shape[1] != 1:
-        raise ValueError(f"images must have 1 channel (greyscale FashionMNIST), got {x.shape[1]}: for RGB use x.mean(1, keepdim=True)")
-    if x.shape[-2:] == (28, 28): raise ValueError("images are 28x28: pad them to 32x32 with the background, F.pad(x, (2, 2, 2, 2), value=-1)")
+        raise ValueError(f"images must have 1 channel (greyscale FashionMNIST), got {x.shape[1]}: for RGB use "
+                         "x.mean(1, keepdim=True)")
+    if x.shape[-2:] == (28, 28):
+        raise ValueError("images are 28x28: pad them to 32x32 with the background, F.pad(x, (2, 2, 2, 2), value=-1)")
     if x.shape[-2:] != (32, 32): raise ValueError(f"images must be 32x32, got {tuple(x.shape[-2:])}")
     if len(x) < 2: raise ValueError(f"need at least 2 images, got {len(x)}")
-    if not x.is_floating_point(): raise ValueError(f"images must be floats in [-1, 1], got dtype {x.dtype}: for 0..255 use x.float() / 127.5 - 1")
+    if not x.is_floating_point():
+        raise ValueError(f"images must be floats in [-1, 1], got dtype {x.dtype}: for 0..255 use x.float() / 127.5 - 1")
     if not torch.isfinite(x).all(): raise ValueError("images contain NaN or infinite values: the sampler diverged")
     lo, hi = x.min().item(), x.max().item()
-    if hi > 2 or lo < -2: raise ValueError(f"images must lie in [-1, 1], got values from {lo:.3g} to {hi:.3g}: for 0..255 use x / 127.5 - 1")
+    if hi > 2 or lo < -2:
+        raise ValueError(f"images must lie in [-1, 1], got values from {lo:.3g} to {hi:.3g}: for 0..255 use x / 127.5 "
+                         "- 1")
     if lo >= 0:
-        raise ValueError(f"images must lie in [-1, 1], but none is below 0 (range {lo:.3g} to {hi:.3g}): for images in [0, 1] use x * 2 - 1")
+        raise ValueError(f"images must lie in [-1, 1], but none is below 0 (range {lo:.3g} to {hi:.3g}): for images "
+                         "in [0, 1] use x * 2 - 1")
 
 @torch.no_grad()
 def features(images, classifier=None, batch_size: int = 1000) -> torch.Tensor:
@@ -85,7 +97,8 @@ def features(images, classifier=None, batch_size: int = 1000) -> torch.Tensor:
     _check_images(images)
     clf = classifier if classifier is not None else _default_classifier()
     images, dev = images.float().clamp(-1, 1), next(clf.parameters()).device
-    return torch.cat([clf.features(images[i:i + batch_size].to(dev)).cpu() for i in range(0, len(images), batch_size)]).double()
+    feats = [clf.features(images[i:i + batch_size].to(dev)).cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(feats).double()
 
 _CLASSIFIER = {}
 def _default_classifier():
@@ -108,15 +121,16 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     symmetric cov1^(1/2) cov2 cov1^(1/2)."""
     mu1, mu2, cov1, cov2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, mu2, cov1, cov2))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"the two Gaussians must have the same dimension: means {tuple(mu1.shape)}, {tuple(mu2.shape)}, "
-                         f"covariances {tuple(cov1.shape)}, {tuple(cov2.shape)}")
+        raise ValueError(f"the two Gaussians must have the same dimension: means {tuple(mu1.shape)}, "
+                         f"{tuple(mu2.shape)}, covariances {tuple(cov1.shape)}, {tuple(cov2.shape)}")
     s1 = _psd_sqrt(cov1)
     tr_sqrt = torch.linalg.eigvalsh(s1 @ cov2 @ s1).clamp(min=0).sqrt().sum()
     return ((mu1 - mu2) ** 2).sum().item() + (cov1.trace() + cov2.trace() - 2 * tr_sqrt).item()
 
 # %% ../nbs/06_evaluation.ipynb #45ba3441
 def kid(feats_x, feats_y, subsets: int = 50, subset_size: int = 1000, seed: int = 0):
-    "Kernel inception distance: the unbiased MMD^2 with kernel (x.y / d + 1)^3, mean and standard deviation over random subsets."
+    """Kernel inception distance: the unbiased MMD^2 with kernel (x.y / d + 1)^3, mean and standard deviation over
+    random subsets."""
     x, y = torch.as_tensor(feats_x).double(), torch.as_tensor(feats_y).double()
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"features must be (N, d) and (M, d), got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -140,9 +154,11 @@ def _coverage(points, centres, radii, chunk=2048):
     return torch.cat(inside).double().mean().item()
 
 def precision_recall(real, fake, k: int = 3):
-    "Improved precision and recall (Kynkaanniemi et al. 2019) of fake features against real ones, with k-nearest-neighbour balls."
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of fake features against real ones, with
+    k-nearest-neighbour balls."""
     real, fake = torch.as_tensor(real).double(), torch.as_tensor(fake).double()
-    if min(len(real), len(fake)) <= k: raise ValueError(f"precision and recall need more than k = {k} features in each set")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision and recall need more than k = {k} features in each set")
     return _coverage(fake, real, _kth_radius(real, k)), _coverage(real, fake, _kth_radius(fake, k))
 
 # %% ../nbs/06_evaluation.ipynb #857e8d6d

@@ -15,7 +15,8 @@ from .schedules import ve_sigma, sigma_to_t
 
 # %% ../nbs/02b_ddpm_2d.ipynb #0718481a
 class Step(NamedTuple):
-    "One sampler step: the sample at the next level of the grid, the prediction made at this level, and what a multistep solver carries on."
+    """One sampler step: the sample at the next level of the grid, the prediction made at this level, and what a
+    multistep solver carries on."""
     x: torch.Tensor
     pred: Prediction
     state: object = None
@@ -25,12 +26,13 @@ def _alpha_bar(schedule, t):
     return schedule.alphas_cumprod[t].item() if t >= 0 else 1.0
 
 def timestep_grid(schedule, steps: int = None, spacing: str = 'leading', timesteps=None) -> list:
-    """The descending timesteps a timestep sampler visits, then -1 (the clean end): the given `timesteps`, or `steps` of them
-    spaced by `spacing`, or the whole chain."""
+    """The descending timesteps a timestep sampler visits, then -1 (the clean end): the given `timesteps`, or `steps` of
+    them spaced by `spacing`, or the whole chain."""
     if timesteps is not None:
         ts = [int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
         if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] > schedule.T - 1 or ts[-1] < 0:
-            raise ValueError(f"timesteps must be a non-empty, strictly decreasing list within [0, {schedule.T - 1}], got {ts[:5]}...")
+            raise ValueError(f"timesteps must be a non-empty, strictly decreasing list within [0, {schedule.T - 1}], "
+                             f"got {ts[:5]}...")
     else: ts = list(range(schedule.T - 1, -1, -1)) if steps is None else schedule.timesteps(steps, spacing)
     return ts + [-1]
 
@@ -40,21 +42,23 @@ def step_pairs(schedule, steps: int = None, spacing: str = 'leading', timesteps=
     return list(zip(ts[:-1], ts[1:]))
 
 def _noise_like(x, generator):
-    "Fresh noise shaped like x, drawn where the generator lives (a CPU generator gives the same noise whatever device x is on)."
+    """Fresh noise shaped like x, drawn where the generator lives (a CPU generator gives the same noise whatever device
+    x is on)."""
     dev = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=dev).to(x.device)
 
 def timestep_step(denoiser, x, t: int, t_prev: int, moments, generator=None) -> Step:
     """One step of a timestep sampler from t to t_prev: the denoiser's prediction at t, then x_t' ~ N(mean, std^2) with
-    `moments(x, pred, abar_t, abar_t') -> (mean, std)`; no noise at the last step. A prediction's `grad` shifts the mean by std^2 grad."""
+    `moments(x, pred, abar_t, abar_t') -> (mean, std)`; no noise at the last step. A prediction's `grad` shifts the
+    mean by std^2 grad."""
     sched = denoiser.schedule
     pred = denoiser(x, t)
     mean, std = moments(x, pred, _alpha_bar(sched, t), _alpha_bar(sched, t_prev))
     if t_prev < 0: std = 0.0
-    if pred.grad is not None:  # the mean shift of classifier guidance (Algorithm 1): mu + Sigma grad, with this step's Sigma = std^2
+    if pred.grad is not None:  # the mean shift of classifier guidance (Algorithm 1): mu + Sigma grad, Sigma = std^2
         if std == 0 and t_prev >= 0:
-            raise ValueError("the mean-shift form of guidance needs a sampler step with a variance (ddpm, or ddim with eta > 0); "
-                             "use form='score' for deterministic sampling")
+            raise ValueError("the mean-shift form of guidance needs a sampler step with a variance (ddpm, or ddim "
+                             "with eta > 0); use form='score' for deterministic sampling")
         mean = mean + std ** 2 * pred.grad
     return Step(mean + std * _noise_like(x, generator) if std > 0 else mean, pred)
 
@@ -66,21 +70,23 @@ def _ddpm_moments(variance):
     return moments
 
 def ddpm_step(denoiser, x, t: int, t_prev: int, variance: str = 'small', generator=None) -> Step:
-    "One ancestral (DDPM) step from timestep t to t_prev (-1: the clean end), with the fixed-'small' or fixed-'large' variance."
+    """One ancestral (DDPM) step from timestep t to t_prev (-1: the clean end), with the fixed-'small' or fixed-'large'
+    variance."""
     if variance not in ('small', 'large'): raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
     return timestep_step(denoiser, x, t, t_prev, _ddpm_moments(variance), generator)
 
 def check_start(denoiser, x):
     "Refuse what no sampler can run: a denoiser without a schedule, or starting noise that is not a float tensor."
     if not callable(denoiser) or not hasattr(denoiser, 'schedule'):
-        raise TypeError("the sampler needs a denoiser (diffstudy.diffusion.Denoiser, or a wrapper of one, with a .schedule); "
-                        "wrap your network with Denoiser(net, schedule, param)")
-    if not torch.is_tensor(x) or not x.is_floating_point(): raise TypeError("x must be a floating-point tensor of starting noise")
+        raise TypeError("the sampler needs a denoiser (diffstudy.diffusion.Denoiser, or a wrapper of one, with a "
+                        ".schedule); wrap your network with Denoiser(net, schedule, param)")
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor of starting noise")
 
 @torch.no_grad()
 def sample_chain(x, grid, step, callback=None, t_of=lambda level: level):
-    """The one loop of every sampler: `step(x, level, next_level, state) -> Step` from each level of the grid to the next.
-    `callback(i, t, x, pred)` sees each step (t = `t_of(level)`) and may return a tensor that replaces x."""
+    """The one loop of every sampler: `step(x, level, next_level, state) -> Step` from each level of the grid to the
+    next. `callback(i, t, x, pred)` sees each step (t = `t_of(level)`) and may return a tensor that replaces x."""
     state = None
     for i in range(len(grid) - 1):
         out = step(x, grid[i], grid[i + 1], state)
@@ -88,14 +94,17 @@ def sample_chain(x, grid, step, callback=None, t_of=lambda level: level):
         if callback is not None:
             new = callback(i, t_of(grid[i]), x, out.pred)
             if torch.is_tensor(new):
-                if new.shape != x.shape: raise ValueError(f"the callback returned shape {tuple(new.shape)} to replace x of shape {tuple(x.shape)}")
+                if new.shape != x.shape:
+                    raise ValueError(f"the callback returned shape {tuple(new.shape)} to replace x of shape "
+                                     f"{tuple(x.shape)}")
                 x = new.to(x.dtype)
     return x
 
-def ddpm(denoiser, x, steps: int = None, variance: str = 'small', spacing: str = 'leading', timesteps=None, generator=None,
+def ddpm(denoiser, x, steps: int = None, variance: str = 'small', spacing: str = 'leading', timesteps=None,
+         generator=None,
          callback=None):
-    """Ancestral (DDPM) sampling from x: on the full chain, `steps` respaced timesteps, or the given `timesteps` (x noised to the first);
-    fixed-'small' or fixed-'large' variance."""
+    """Ancestral (DDPM) sampling from x: on the full chain, `steps` respaced timesteps, or the given `timesteps` (x
+    noised to the first); fixed-'small' or fixed-'large' variance."""
     if variance not in ('small', 'large'): raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
     check_start(denoiser, x)
     step = lambda x, t, t_prev, _: ddpm_step(denoiser, x, t, t_prev, variance, generator)
@@ -110,21 +119,24 @@ def _device_dtype(denoiser):
 @torch.no_grad()
 def generate(denoiser, n: int = 64, steps: int = 100, seed: int = 0, batch_size: int = 64, sampler: str = 'ddpm',
              spacing: str = 'trailing', progress: bool = False, labels=None, shape: tuple = None, **kwargs):
-    """n samples from a denoiser with a sampler of SAMPLERS (the ancestral `ddpm` by default) in `steps` steps, drawn in batches:
-    the same seed gives the same samples. `shape` is one sample's shape (default: the denoiser's `sample_shape`); `labels`
-    (n class indices) condition each sample through `denoiser.with_cond(y=...)`; other keywords go to the sampler
-    (`eta` for ddim, `sigmas` for the ODE samplers)."""
+    """n samples from a denoiser with a sampler of SAMPLERS (the ancestral `ddpm` by default) in `steps` steps, drawn in
+    batches: the same seed gives the same samples. `shape` is one sample's shape (default: the denoiser's
+    `sample_shape`); `labels` (n class indices) condition each sample through `denoiser.with_cond(y=...)`; other
+    keywords go to the sampler (`eta` for ddim, `sigmas` for the ODE samplers)."""
     if sampler not in SAMPLERS: raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if int(n) != n or n < 1: raise ValueError(f"n must be a positive integer, got {n}")
     T = denoiser.schedule.T
-    if int(steps) != steps or not 1 <= steps <= T: raise ValueError(f"steps must be an integer from 1 to {T}, got {steps}")
-    if int(batch_size) != batch_size or batch_size < 1: raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if int(steps) != steps or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer from 1 to {T}, got {steps}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     if labels is not None:
         labels = torch.as_tensor(labels).long().reshape(-1)
         if len(labels) != n: raise ValueError(f"labels must give one class per image ({n}), got {len(labels)}")
-        if not hasattr(denoiser, 'with_cond'): raise TypeError("labels need a denoiser that takes conditioning (a Denoiser or a guidance wrapper)")
+        if not hasattr(denoiser, 'with_cond'):
+            raise TypeError("labels need a denoiser that takes conditioning (a Denoiser or a guidance wrapper)")
     shape = tuple(denoiser.sample_shape if shape is None else shape)
-    device, dtype = _device_dtype(denoiser)  # sample where the network lives; the noise comes from one CPU generator, the same anywhere
+    device, dtype = _device_dtype(denoiser)  # where the network lives; the noise comes from one CPU generator
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in tqdm(range(0, n, batch_size), desc=f'{sampler}, {steps} steps', disable=not progress):
@@ -141,12 +153,15 @@ def _ddim_moments(eta):
     return moments
 
 def ddim_step(denoiser, x, t: int, t_prev: int, eta: float = 0.0, generator=None) -> Step:
-    "One DDIM step from timestep t to t_prev (-1: the clean end); eta = 0 is deterministic, eta = 1 DDPM's fixed-small step."
+    """One DDIM step from timestep t to t_prev (-1: the clean end); eta = 0 is deterministic, eta = 1 DDPM's fixed-small
+    step."""
     if not 0 <= eta <= 1: raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM), got {eta}")
     return timestep_step(denoiser, x, t, t_prev, _ddim_moments(eta), generator)
 
-def ddim(denoiser, x, steps: int = 50, eta: float = 0.0, spacing: str = 'trailing', timesteps=None, generator=None, callback=None):
-    "DDIM sampling from x on `steps` timesteps spaced by `spacing`, or on the given `timesteps` (x noised to the first)."
+def ddim(denoiser, x, steps: int = 50, eta: float = 0.0, spacing: str = 'trailing', timesteps=None, generator=None,
+         callback=None):
+    """DDIM sampling from x on `steps` timesteps spaced by `spacing`, or on the given `timesteps` (x noised to the
+    first)."""
     if not 0 <= eta <= 1: raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM), got {eta}")
     check_start(denoiser, x)
     step = lambda x, t, t_prev, _: ddim_step(denoiser, x, t, t_prev, eta, generator)
@@ -154,8 +169,8 @@ def ddim(denoiser, x, steps: int = 50, eta: float = 0.0, spacing: str = 'trailin
 
 # %% ../nbs/07_samplers.ipynb #402a71de
 def karras_sigmas(schedule, steps: int, rho: float = 7.0):
-    """Karras et al.'s noise levels: sigma^(1/rho) evenly spaced from the schedule's largest to its smallest sigma, then 0 (steps + 1 values).
-    A zero-terminal-SNR schedule starts at sigma = inf and ramps from its largest finite sigma."""
+    """Karras et al.'s noise levels: sigma^(1/rho) evenly spaced from the schedule's largest to its smallest sigma, then
+    0 (steps + 1 values). A zero-terminal-SNR schedule starts at sigma = inf and ramps from its largest finite sigma."""
     s_max, s_min = ve_sigma(schedule, schedule.T - 1).item(), ve_sigma(schedule, 0).item()
     zero_snr = math.isinf(s_max)
     if zero_snr: s_max = ve_sigma(schedule, schedule.T - 2).item()
@@ -170,8 +185,9 @@ def model_sigmas(schedule, steps: int = None, spacing: str = 'trailing', timeste
     return torch.cat([ve_sigma(schedule, torch.tensor(ts)), torch.zeros(1, dtype=torch.float64)])
 
 def sigma_grid(schedule, steps: int = None, sigmas='karras', spacing: str = 'trailing', timesteps=None):
-    """The noise levels an ODE sampler visits, ending in 0: 'karras' or 'model' levels for `steps` steps, the model's levels at the
-    given `timesteps`, or a given decreasing tensor (which may start part-way down, from an x noised to its first level)."""
+    """The noise levels an ODE sampler visits, ending in 0: 'karras' or 'model' levels for `steps` steps, the model's
+    levels at the given `timesteps`, or a given decreasing tensor (which may start part-way down, from an x noised to
+    its first level)."""
     if timesteps is not None: return model_sigmas(schedule, timesteps=timesteps)
     if isinstance(sigmas, str):
         if steps is None or int(steps) != steps or not 1 <= steps <= schedule.T:
@@ -189,22 +205,26 @@ def _predict(denoiser, x, sigma: float):
     "The denoiser's prediction at x_t = x, noise level sigma; the ODE samplers refuse the mean-shift form of guidance."
     pred = denoiser(x, sigma_to_t(denoiser.schedule, sigma).item())
     if pred.grad is not None:
-        raise ValueError("the ODE samplers have no step variance for the mean-shift form of guidance; use form='score' (or the ddpm sampler)")
+        raise ValueError("the ODE samplers have no step variance for the mean-shift form of guidance; use "
+                         "form='score' (or the ddpm sampler)")
     return pred
 
 def _from_infinity(pred, s_next: float) -> Step:
-    "The first step from sigma = inf (SNR 0), the limit of every first-order step: x~' = x0_hat + sigma' eps_hat, returned as x_t'."
+    """The first step from sigma = inf (SNR 0), the limit of every first-order step: x~' = x0_hat + sigma' eps_hat,
+    returned as x_t'."""
     return Step((pred.x0 + s_next * pred.eps) / math.sqrt(1 + s_next ** 2), pred)
 
 def euler_step(denoiser, x, sigma: float, sigma_next: float, state=None) -> Step:
-    "One Euler step of the probability-flow ODE from noise level sigma to sigma_next; x is x_t at sigma (as every sampler holds it)."
+    """One Euler step of the probability-flow ODE from noise level sigma to sigma_next; x is x_t at sigma (as every
+    sampler holds it)."""
     pred = _predict(denoiser, x, sigma)
     if math.isinf(sigma): return _from_infinity(pred, sigma_next)
     xv = x * math.sqrt(1 + sigma ** 2)  # x~ = x_t / alpha
     return Step((xv + (sigma_next - sigma) * (xv - pred.x0) / sigma) / math.sqrt(1 + sigma_next ** 2), pred)
 
 def heun_step(denoiser, x, sigma: float, sigma_next: float, state=None) -> Step:
-    "One Heun step (Karras et al. Algorithm 1, no churn): an Euler step, then the mean of the two slopes; Euler onto sigma_next = 0."
+    """One Heun step (Karras et al. Algorithm 1, no churn): an Euler step, then the mean of the two slopes; Euler onto
+    sigma_next = 0."""
     pred = _predict(denoiser, x, sigma)
     if math.isinf(sigma): return _from_infinity(pred, sigma_next)
     xv = x * math.sqrt(1 + sigma ** 2)
@@ -229,23 +249,30 @@ def dpmpp_2m_step(denoiser, x, sigma: float, sigma_next: float, state=None) -> S
     x_next = (sigma_next / sigma) * xv + (1 - sigma_next / sigma) * x0_eff
     return Step(x_next / math.sqrt(1 + sigma_next ** 2), pred, (h, pred.x0))
 
-def ode_chain(step, denoiser, x, steps: int = None, sigmas='karras', spacing: str = 'trailing', timesteps=None, callback=None):
-    "An ODE sampler: `step` (euler_step, heun_step or dpmpp_2m_step) applied along the noise levels of `sigma_grid` by `sample_chain`."
+def ode_chain(step, denoiser, x, steps: int = None, sigmas='karras', spacing: str = 'trailing', timesteps=None,
+              callback=None):
+    """An ODE sampler: `step` (euler_step, heun_step or dpmpp_2m_step) applied along the noise levels of `sigma_grid` by
+    `sample_chain`."""
     check_start(denoiser, x)
     grid = sigma_grid(denoiser.schedule, steps, sigmas, spacing, timesteps).tolist()
     t_of = lambda s: sigma_to_t(denoiser.schedule, s).item()
     return sample_chain(x, grid, lambda x, s, s_next, state: step(denoiser, x, s, s_next, state), callback, t_of)
 
-def euler(denoiser, x, steps: int = 20, sigmas='karras', spacing: str = 'trailing', timesteps=None, generator=None, callback=None):
-    """Euler's method on the probability-flow ODE, one model evaluation per step, on Karras sigmas (default), the model's own
-    ('model', at `spacing`), a given tensor, or `timesteps`; x is noised to the first level. Deterministic: `generator` is unused."""
+def euler(denoiser, x, steps: int = 20, sigmas='karras', spacing: str = 'trailing', timesteps=None, generator=None,
+          callback=None):
+    """Euler's method on the probability-flow ODE, one model evaluation per step, on Karras sigmas (default), the
+    model's own ('model', at `spacing`), a given tensor, or `timesteps`; x is noised to the first level.
+    Deterministic: `generator` is unused."""
     return ode_chain(euler_step, denoiser, x, steps, sigmas, spacing, timesteps, callback)
 
-def heun(denoiser, x, steps: int = 10, sigmas='karras', spacing: str = 'trailing', timesteps=None, generator=None, callback=None):
-    "Heun's second-order method on the probability-flow ODE (Karras et al. Algorithm 1, no churn): 2 steps - 1 model evaluations."
+def heun(denoiser, x, steps: int = 10, sigmas='karras', spacing: str = 'trailing', timesteps=None, generator=None,
+         callback=None):
+    """Heun's second-order method on the probability-flow ODE (Karras et al. Algorithm 1, no churn): 2 steps - 1 model
+    evaluations."""
     return ode_chain(heun_step, denoiser, x, steps, sigmas, spacing, timesteps, callback)
 
-def dpmpp_2m(denoiser, x, steps: int = 20, sigmas='karras', spacing: str = 'trailing', timesteps=None, generator=None, callback=None):
+def dpmpp_2m(denoiser, x, steps: int = 20, sigmas='karras', spacing: str = 'trailing', timesteps=None, generator=None,
+             callback=None):
     "DPM-Solver++(2M), the data-prediction multistep solver of the probability-flow ODE: one model evaluation per step."
     return ode_chain(dpmpp_2m_step, denoiser, x, steps, sigmas, spacing, timesteps, callback)
 

@@ -23,7 +23,7 @@ class Schedule:
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
         self.T = len(betas)
         ab = self.alphas_cumprod.clamp(1e-300, 1 - 1e-16)
-        self.log_snrs = torch.log(ab) - torch.log1p(-ab)  # lambda_t per integer t, once: fractional lookups interpolate it
+        self.log_snrs = torch.log(ab) - torch.log1p(-ab)  # lambda_t per integer t: fractional lookups interpolate it
 
     def __repr__(self): return f"Schedule({self.name!r}, T={self.T}, terminal SNR={self.snr(self.T - 1).item():.3g})"
 
@@ -87,8 +87,10 @@ def get_schedule(name: str = 'linear', T: int = 1000, zero_snr: bool = False) ->
 
 # %% ../nbs/02_schedules.ipynb #d5ef692d
 def spaced_timesteps(T: int, n: int, spacing: str = 'leading', offset: int = 0):
-    "n descending integer timesteps out of T: 'leading', 'trailing' or 'linspace' spacing (as diffusers' timestep_spacing)."
-    if int(n) != n or not 1 <= n <= T: raise ValueError(f"the number of steps must be an integer from 1 to T={T}, got {n}")
+    """n descending integer timesteps out of T: 'leading', 'trailing' or 'linspace' spacing (as diffusers'
+    timestep_spacing)."""
+    if int(n) != n or not 1 <= n <= T:
+        raise ValueError(f"the number of steps must be an integer from 1 to T={T}, got {n}")
     if spacing == 'leading': ts = (np.arange(n) * (T // n)).round()[::-1] + offset
     elif spacing == 'trailing': ts = np.round(np.arange(T, 0, -T / n)) - 1
     elif spacing == 'linspace': ts = np.linspace(0, T - 1, n).round()[::-1]
@@ -99,22 +101,25 @@ def spaced_timesteps(T: int, n: int, spacing: str = 'leading', offset: int = 0):
 
 # %% ../nbs/02_schedules.ipynb #c4d9a1f3
 def ve_sigma(schedule: Schedule, t):
-    "The noise-to-signal ratio sigma_t / alpha_t at timestep t (fractional allowed): the noise level of x_t / alpha_t = x0 + sigma eps."
+    """The noise-to-signal ratio sigma_t / alpha_t at timestep t (fractional allowed): the noise level of x_t / alpha_t
+    = x0 + sigma eps."""
     return (1 / schedule.snr(t)).sqrt()
 
 def sigma_to_t(schedule: Schedule, sigma):
-    "The (fractional) timestep whose noise-to-signal ratio is sigma: the inverse of `ve_sigma`, linear in log-SNR between integers."
+    """The (fractional) timestep whose noise-to-signal ratio is sigma: the inverse of `ve_sigma`, linear in log-SNR
+    between integers."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     if torch.isinf(sigma).any():  # SNR 0: only the last timestep of a zero-terminal-SNR schedule has it
         if schedule.alphas_cumprod[-1] > 0:
-            raise ValueError(f"sigma = inf (SNR 0) is beyond this schedule, whose terminal SNR is {schedule.snr(schedule.T - 1).item():.3g}")
+            raise ValueError("sigma = inf (SNR 0) is beyond this schedule, whose terminal SNR is "
+                             f"{schedule.snr(schedule.T - 1).item():.3g}")
         t = sigma_to_t(schedule, torch.where(torch.isinf(sigma), 1.0, sigma))
         return torch.where(torch.isinf(sigma), float(schedule.T - 1), t)
     lam = schedule.log_snrs.numpy()  # the schedule's lambda_t table, decreasing in t
     target = -2 * torch.log(sigma)
-    if (target > lam[0] + 1e-6).any() or (target < lam[-1] - 1e-6).any():  # float32 levels may round a little past the ends
+    if (target > lam[0] + 1e-6).any() or (target < lam[-1] - 1e-6).any():  # float32 levels may round past the ends
         lo, hi = math.exp(-lam[0] / 2), math.exp(-lam[-1] / 2)
-        raise ValueError(f"sigma must lie within the schedule's range [{lo:.4g}, {hi:.4g}], "
-                         f"got {sigma.min().item():.4g} to {sigma.max().item():.4g}")
+        raise ValueError(f"sigma must lie within the schedule's range [{lo:.4g}, {hi:.4g}], got "
+                         f"{sigma.min().item():.4g} to {sigma.max().item():.4g}")
     t = np.interp(-target.numpy(), -lam, np.arange(schedule.T, dtype=np.float64))
     return torch.as_tensor(t, dtype=torch.float64)

@@ -44,7 +44,8 @@ def fisher_divergence(score, true_score, x) -> float:
 
 # %% ../nbs/01_score_matching.ipynb #d89d4676
 class ToyTask(Task):
-    "A 2D model's part of the one loop: fresh samples every step and a loss_fn(model, x, generator), both drawing from one random stream."
+    """A 2D model's part of the one loop: fresh samples every step and a loss_fn(model, x, generator), both drawing from
+    one random stream."""
     ema = ()
     def __init__(self, model, loss_fn, sample, batch_size: int, seed: int = 0):
         self.nets, self.loss_fn, self.sample, self.batch_size = {'model': model}, loss_fn, sample, batch_size
@@ -54,11 +55,14 @@ class ToyTask(Task):
     def state_dict(self): return dict(generator=self.g.get_state())
     def load_state_dict(self, state): self.g.set_state(state['generator'])
 
-def fit(model, loss_fn, sample, steps: int = 2000, batch_size: int = 512, lr: float = 2e-3, seed: int = 0, progress: bool = True):
-    """Train a 2D `model` on `loss_fn(model, x, generator)` with fresh batches `sample(batch_size, generator)` by the one training loop
-    (Adam, a cosine learning rate, on the CPU); returns the losses."""
-    if steps < 1 or batch_size < 1: raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
-    cfg = LoopConfig(steps=steps, batch_size=batch_size, optimizer='adam', lr=lr, lr_schedule='cosine', warmup=0, grad_clip=None,
+def fit(model, loss_fn, sample, steps: int = 2000, batch_size: int = 512, lr: float = 2e-3, seed: int = 0,
+        progress: bool = True):
+    """Train a 2D `model` on `loss_fn(model, x, generator)` with fresh batches `sample(batch_size, generator)` by the
+    one training loop (Adam, a cosine learning rate, on the CPU); returns the losses."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
+    cfg = LoopConfig(steps=steps, batch_size=batch_size, optimizer='adam', lr=lr, lr_schedule='cosine', warmup=0,
+                     grad_clip=None,
                      ema_decay=None, seed=seed, cpu=True)
     return train_loop(ToyTask(model, loss_fn, sample, batch_size, seed), cfg, progress=progress)['loss']
 
@@ -73,7 +77,8 @@ def dsm_loss(model, x, sigma_min: float, sigma_max=None, generator=None):
     n = len(x)
     if sigma_max is None: sigma = torch.full((n,), float(sigma_min), dtype=x.dtype)
     else:
-        if not 0 < sigma_min < sigma_max: raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         sigma = sigma_min * (sigma_max / sigma_min) ** torch.rand(n, generator=generator, dtype=x.dtype)
     eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
     x_noisy = x + sigma[:, None] * eps
@@ -84,15 +89,19 @@ def dsm_loss(model, x, sigma_min: float, sigma_max=None, generator=None):
 @torch.no_grad()
 def langevin(score, x, n_steps: int, step_size: float, generator=None, callback=None):
     "Unadjusted Langevin dynamics: x <- x + step_size/2 * score(x) + sqrt(step_size) z."
-    if n_steps < 0 or step_size <= 0: raise ValueError(f"need n_steps >= 0 and step_size > 0, got {n_steps} and {step_size}")
+    if n_steps < 0 or step_size <= 0:
+        raise ValueError(f"need n_steps >= 0 and step_size > 0, got {n_steps} and {step_size}")
     for i in range(n_steps):
-        x = x + 0.5 * step_size * score(x) + math.sqrt(step_size) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = x + 0.5 * step_size * score(x) + math.sqrt(step_size) * z
         if callback is not None: callback(i, x)
     return x
 
 @torch.no_grad()
-def annealed_langevin(score, x, sigmas, n_steps_each: int = 50, eps: float = 0.1, denoise: bool = True, generator=None, callback=None):
-    "Annealed Langevin dynamics: Langevin on score(x, sigma_i) for decreasing sigmas, step eps * sigma_i^2, then a Tweedie step."
+def annealed_langevin(score, x, sigmas, n_steps_each: int = 50, eps: float = 0.1, denoise: bool = True, generator=None,
+                      callback=None):
+    """Annealed Langevin dynamics: Langevin on score(x, sigma_i) for decreasing sigmas, step eps * sigma_i^2, then a
+    Tweedie step."""
     sigmas = [float(s) for s in sigmas]
     if any(a <= b for a, b in zip(sigmas, sigmas[1:])): raise ValueError("sigmas must be strictly decreasing")
     for i, s in enumerate(sigmas):

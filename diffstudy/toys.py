@@ -21,31 +21,37 @@ def _generator_device(generator): return generator.device if generator is not No
 
 # %% ../nbs/00a_toys.ipynb #e1fd063c
 class GaussianMixture:
-    "A mixture of Gaussians with exact `log_prob`, `score`, `sample`, its noised version `noised(alpha, sigma)` and the posterior mean."
+    """A mixture of Gaussians with exact `log_prob`, `score`, `sample`, its noised version `noised(alpha, sigma)` and
+    the posterior mean."""
     def __init__(self, means, covs, weights=None, name='gaussian mixture'):
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2: raise ValueError(f"means must have shape (K, d), got {tuple(means.shape)}")
         K, d = means.shape
         covs = torch.as_tensor(covs, dtype=torch.float64)
         if covs.ndim == 0: covs = covs * torch.eye(d, dtype=torch.float64).expand(K, d, d)
-        if covs.shape != (K, d, d): raise ValueError(f"covs must have shape ({K}, {d}, {d}) to match means, got {tuple(covs.shape)}")
+        if covs.shape != (K, d, d):
+            raise ValueError(f"covs must have shape ({K}, {d}, {d}) to match means, got {tuple(covs.shape)}")
         if not torch.allclose(covs, covs.transpose(-1, -2), atol=1e-10):
             raise ValueError("covariance matrices must be symmetric")
         L, info = torch.linalg.cholesky_ex(covs)
         if (info != 0).any():
             k = int((info != 0).nonzero()[0])
             raise ValueError(f"covariance {k} is not positive definite: {covs[k].tolist()}")
-        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if weights is None: w = torch.full((K,), 1.0 / K, dtype=torch.float64)
+        else: w = torch.as_tensor(weights, dtype=torch.float64)
         if w.shape != (K,): raise ValueError(f"weights must have shape ({K},), got {tuple(w.shape)}")
-        if (w < 0).any() or not torch.isfinite(w).all(): raise ValueError(f"weights must be non-negative and finite, got {w.tolist()}")
-        if abs(w.sum().item() - 1) > 1e-6: raise ValueError(f"weights must sum to 1, got {w.sum().item():.6g}; divide them by their sum")
+        if (w < 0).any() or not torch.isfinite(w).all():
+            raise ValueError(f"weights must be non-negative and finite, got {w.tolist()}")
+        if abs(w.sum().item() - 1) > 1e-6:
+            raise ValueError(f"weights must sum to 1, got {w.sum().item():.6g}; divide them by their sum")
         self.means, self.covs, self.weights, self.chol, self.name = means, covs, w, L, name
         self.d = d
         self.prec = torch.cholesky_inverse(L)  # Sigma_k^-1, computed once
-        # isotropic components (Sigma_k = c_k I, every named toy) take a faster path: matrix products instead of per-component solves
+        # isotropic components (Sigma_k = c_k I, every named toy) take a faster path: products, not per-component solves
         c = torch.diagonal(covs, dim1=-2, dim2=-1)[:, 0]
         self.iso_var = c if torch.allclose(covs, c[:, None, None] * torch.eye(d, dtype=torch.float64)) else None
-        self._log_norm = torch.log(w) - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1) - 0.5 * d * math.log(2 * math.pi)
+        log_det_half = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        self._log_norm = torch.log(w) - log_det_half - 0.5 * d * math.log(2 * math.pi)
 
     def __repr__(self): return f"GaussianMixture({self.name!r}, {len(self.weights)} components, d={self.d})"
 
@@ -96,9 +102,11 @@ class GaussianMixture:
         return (self.means[k] + (self.chol[k] @ z.unsqueeze(-1)).squeeze(-1)).to(dtype)
 
     def noised(self, alpha: float, sigma: float):
-        "The distribution of x_t = alpha x_0 + sigma eps: again a Gaussian mixture (means alpha mu_k, covariances alpha^2 Sigma_k + sigma^2 I)."
+        """The distribution of x_t = alpha x_0 + sigma eps: again a Gaussian mixture (means alpha mu_k, covariances
+        alpha^2 Sigma_k + sigma^2 I)."""
         alpha, sigma = float(alpha), float(sigma)
-        if not alpha >= 0: raise ValueError(f"alpha must be non-negative (0 at SNR 0, where x_t is pure noise), got {alpha}")
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be non-negative (0 at SNR 0, where x_t is pure noise), got {alpha}")
         if not sigma >= 0: raise ValueError(f"sigma must be non-negative, got {sigma}")
         eye = torch.eye(self.d, dtype=torch.float64)
         return GaussianMixture(alpha * self.means, alpha ** 2 * self.covs + sigma ** 2 * eye, self.weights,
@@ -113,7 +121,8 @@ class GaussianMixture:
         if self.iso_var is not None:  # sum_k r_k [mu_k + alpha c_k / (alpha^2 c_k + sigma^2) (x_t - alpha mu_k)]
             w = r * (alpha * self.iso_var / qt.iso_var)
             return (r @ self.means + w.sum(-1, keepdim=True) * x64 - alpha * (w @ self.means)).to(x_t.dtype)
-        gain = torch.einsum('kde,...ke->...kd', qt.prec, x64[..., None, :] - alpha * self.means)  # (alpha^2 Sigma_k + sigma^2 I)^-1 (x_t - alpha mu_k)
+        # (alpha^2 Sigma_k + sigma^2 I)^-1 (x_t - alpha mu_k)
+        gain = torch.einsum('kde,...ke->...kd', qt.prec, x64[..., None, :] - alpha * self.means)
         comp = self.means + alpha * torch.einsum('kde,...ke->...kd', self.covs, gain)
         return (r[..., None] * comp).sum(-2).to(x_t.dtype)
 
@@ -172,8 +181,9 @@ class Checkerboard:
         u = torch.rand(int(n), 2, generator=generator, dtype=torch.float64, device=dev).cpu()
         return ((torch.stack([i, j], 1) + u) * self.side - self.half).to(dtype)
     def score(self, x):
-        raise NotImplementedError("the checkerboard's density is piecewise constant: its score is zero inside a square and undefined "
-                                  "at the edges; use a Gaussian-mixture toy where an exact score is needed")
+        raise NotImplementedError("the checkerboard's density is piecewise constant: its score is zero inside a "
+                                  "square and undefined at the edges; use a Gaussian-mixture toy where an exact "
+                                  "score is needed")
 
 TOYS = {'8gaussians': eight_gaussians, 'grid': grid_gaussians, 'unequal': unequal_mixture,
         'moons': two_moons, 'swissroll': swiss_roll, 'checkerboard': Checkerboard}

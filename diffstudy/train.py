@@ -27,7 +27,8 @@ from fastcore.script import call_parse, Param
 # %% ../nbs/04a_training.ipynb #cb33dfc6
 @dataclass
 class LoopConfig:
-    "How the one loop trains: optimizer, learning-rate schedule, clipping, EMA, checkpoints, precision (saved in every checkpoint)."
+    """How the one loop trains: optimizer, learning-rate schedule, clipping, EMA, checkpoints, precision (saved in every
+    checkpoint)."""
     steps: int = 1000
     batch_size: int = 128  # the global batch, split across processes
     optimizer: str = 'adamw'  # 'adamw', 'adam', or 'sgd' (Nesterov momentum)
@@ -59,13 +60,15 @@ def check_loop_config(cfg):
                                ('precision', cfg.precision, PRECISIONS)):
         if value not in known: raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(known)}")
     if not cfg.lr > 0: raise ValueError(f"lr must be positive, got {cfg.lr}")
-    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1: raise ValueError(f"ema_decay must lie in (0, 1), got {cfg.ema_decay}")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay must lie in (0, 1), got {cfg.ema_decay}")
 
 def _anneal_cos(start, end, pct): return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 
 def learning_rate(cfg, step: int):
     """The learning rate at `step` (counted from 0), and SGD's momentum where the schedule sets it (else None).
-    'onecycle' is torch's OneCycleLR (div_factor 25, final_div_factor 1e4, momentum 0.95 -> 0.85 -> 0.95) in closed form."""
+    'onecycle' is torch's OneCycleLR (div_factor 25, final_div_factor 1e4, momentum 0.95 -> 0.85 -> 0.95) in closed
+    form."""
     if cfg.lr_schedule == 'constant': return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)), None
     if cfg.lr_schedule == 'cosine':
         if step < cfg.warmup: return cfg.lr * (step + 1) / cfg.warmup, None
@@ -85,7 +88,8 @@ def make_optimizer(cfg, params):
     return opt(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 def ema_warmup_avg_fn(decay: float):
-    "EMA update for AveragedModel with a warm-up: the decay after n updates is min(decay, (1 + n) / (10 + n)), so early weights fade quickly."
+    """EMA update for AveragedModel with a warm-up: the decay after n updates is min(decay, (1 + n) / (10 + n)), so
+    early weights fade quickly."""
     @torch.no_grad()
     def avg(ema_params, params, num_averaged):
         d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
@@ -101,17 +105,20 @@ def _batch_seed(seed: int, step: int) -> int: return (seed * 1_000_003 + step) %
 
 # %% ../nbs/04a_training.ipynb #a4a00005
 class Task:
-    """What a model brings to the one loop (`fit`): its networks, its batches and its loss; the loop does everything else.
-    Subclasses set `nets` (name -> network, each trained by its own optimizer, in this order every step) and define `batch` and `loss`."""
+    """What a model brings to the one loop (`fit`): its networks, its batches and its loss; the loop does everything
+    else. Subclasses set `nets` (name -> network, each trained by its own optimizer, in this order every step) and
+    define `batch` and `loss`."""
     nets: dict = {}
     ema = ('model',)  # the networks whose moving average the loop keeps (when the loop config has an ema_decay)
 
     def batch(self, step: int, generator) -> dict:
-        "The global batch of `step` (a dict of CPU tensors, batch first), drawn from `generator` (seeded by the run's seed and the step)."
+        """The global batch of `step` (a dict of CPU tensors, batch first), drawn from `generator` (seeded by the run's
+        seed and the step)."""
         raise NotImplementedError
 
     def loss(self, name: str, nets: dict, batch: dict, step: int):
-        "The loss that trains network `name`: a scalar tensor, or (loss, dict of numbers to log). `nets` are the loop's (wrapped) networks."
+        """The loss that trains network `name`: a scalar tensor, or (loss, dict of numbers to log). `nets` are the
+        loop's (wrapped) networks."""
         raise NotImplementedError
 
     def active(self, name: str, step: int) -> bool:
@@ -119,7 +126,8 @@ class Task:
         return True
 
     def after_step(self, done: int, loop) -> dict:
-        "Called after each step with the steps done and the loop's state (out, nets, ema, main, write); may return numbers to log."
+        """Called after each step with the steps done and the loop's state (out, nets, ema, main, write); may return
+        numbers to log."""
 
     def state_dict(self) -> dict:
         "Task state that an exact resume needs (a random stream's state): tensors and plain values."
@@ -132,11 +140,13 @@ class Task:
         return {}
 
     def check_resume(self, info: dict, checkpoint):
-        "Refuse to resume from a checkpoint trained on another objective (raise CheckpointError, naming the difference)."
+        """Refuse to resume from a checkpoint trained on another objective (raise CheckpointError, naming the
+        difference)."""
 
 # %% ../nbs/04a_training.ipynb #a4a00007
 class _LoopState:
-    "What `Task.after_step` sees: the output folder, the raw networks, their EMA copies, whether this is the main process, a print function."
+    """What `Task.after_step` sees: the output folder, the raw networks, their EMA copies, whether this is the main
+    process, a print function."""
     def __init__(self, **kw): self.__dict__.update(kw)
 
 def _shard(batch: dict, lo: int, hi: int, n: int) -> dict:
@@ -147,24 +157,28 @@ def _to_device(batch: dict, device, channels_last: bool) -> dict:
     def move(v):
         if not torch.is_tensor(v): return v
         v = v.to(device)
-        return v.contiguous(memory_format=torch.channels_last) if channels_last and v.ndim == 4 and v.is_floating_point() else v
+        nhwc = channels_last and v.ndim == 4 and v.is_floating_point()
+        return v.contiguous(memory_format=torch.channels_last) if nhwc else v
     return {k: move(v) for k, v in batch.items()}
 
-def fit(task: Task, cfg, out_dir=None, resume: bool = False, progress: bool = True, command: str = None, stop_at: int = None) -> dict:
-    """The one training loop: train `task`'s networks with `cfg` (a LoopConfig), checkpointing into `out_dir` (None: no checkpoints);
-    resume from its latest checkpoint if asked; `stop_at` ends the run early at that step (the schedule still spans cfg.steps).
-    Returns the history (the first network's losses in 'loss', the others' in 'loss_NAME')."""
+def fit(task: Task, cfg, out_dir=None, resume: bool = False, progress: bool = True, command: str = None,
+        stop_at: int = None) -> dict:
+    """The one training loop: train `task`'s networks with `cfg` (a LoopConfig), checkpointing into `out_dir` (None: no
+    checkpoints); resume from its latest checkpoint if asked; `stop_at` ends the run early at that step (the schedule
+    still spans cfg.steps). Returns the history (the first network's losses in 'loss', the others' in 'loss_NAME')."""
     from accelerate import Accelerator
     check_loop_config(cfg)
     gpu = torch.cuda.is_available() and not cfg.cpu
     acc = Accelerator(cpu=not gpu, mixed_precision='bf16' if gpu else 'no')
     world, rank = acc.num_processes, acc.process_index
-    if cfg.batch_size % world: raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
     if resume and out_dir is None: raise ValueError("resume needs the output folder (out_dir) of the run to continue")
     out = Path(out_dir) if out_dir is not None else None
     names = list(task.nets)
     if not names: raise ValueError(f"{type(task).__name__} has no networks to train: set its `nets`")
-    emas = {n: AveragedModel(task.nets[n], multi_avg_fn=ema_warmup_avg_fn(cfg.ema_decay)) for n in task.ema if n in task.nets} \
+    ema_of = lambda net: AveragedModel(net, multi_avg_fn=ema_warmup_avg_fn(cfg.ema_decay))
+    emas = {n: ema_of(task.nets[n]) for n in task.ema if n in task.nets} \
            if cfg.ema_decay else {}
     opts = {n: make_optimizer(cfg, task.nets[n].parameters()) for n in names}
     main = names[0]
@@ -192,14 +206,16 @@ def fit(task: Task, cfg, out_dir=None, resume: bool = False, progress: bool = Tr
         wrapped[n], opts[n] = acc.prepare(task.nets[n], opts[n])
     raw = {n: acc.unwrap_model(wrapped[n]) for n in names}
     if cfg.compile: wrapped = {n: torch.compile(m) for n, m in wrapped.items()}
-    amp = (lambda: acc.autocast()) if gpu else (lambda: torch.autocast('cpu', torch.bfloat16, enabled=cfg.precision == 'bf16'))
+    bf16 = cfg.precision == 'bf16'
+    amp = (lambda: acc.autocast()) if gpu else (lambda: torch.autocast('cpu', torch.bfloat16, enabled=bf16))
     if out is not None and acc.is_main_process: out.mkdir(parents=True, exist_ok=True)
     lo, hi = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world
     t0 = time.time()
     end = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not (progress and acc.is_main_process),
                mininterval=10, desc='training')
-    state = _LoopState(out=out, nets=raw, ema={n: e.module for n, e in emas.items()}, main=acc.is_main_process, write=bar.write)
+    state = _LoopState(out=out, nets=raw, ema={n: e.module for n, e in emas.items()}, main=acc.is_main_process,
+                       write=bar.write)
     for step in bar:
         for m in wrapped.values(): m.train()
         g = torch.Generator().manual_seed(_batch_seed(cfg.seed, step))
@@ -213,14 +229,16 @@ def fit(task: Task, cfg, out_dir=None, resume: bool = False, progress: bool = Tr
             with amp(): result = task.loss(n, wrapped, batch, step)
             loss, logs = result if isinstance(result, tuple) else (result, {})
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss of {n} became {loss.item()} at step {step}: training diverged. Lower the learning rate "
-                                         f"(now {cfg.lr}) or lengthen the warm-up (now {cfg.warmup}); the last good checkpoint is "
-                                         f"{latest_checkpoint(out) if out is not None else None}")
+                last = latest_checkpoint(out) if out is not None else None
+                raise FloatingPointError(f"the loss of {n} became {loss.item()} at step {step}: training diverged. "
+                                         f"Lower the learning rate (now {cfg.lr}) or lengthen the warm-up (now "
+                                         f"{cfg.warmup}); the last good checkpoint is {last}")
             acc.backward(loss)
             if cfg.grad_clip: acc.clip_grad_norm_(wrapped[n].parameters(), cfg.grad_clip)
             opts[n].step()
-            for o in opts.values(): o.zero_grad(set_to_none=True)  # a loss may reach other networks' weights (a GAN's generator loss)
-            history.setdefault('loss' if n == main else f'loss_{n}', []).append(acc.reduce(loss.detach(), 'mean').item())
+            for o in opts.values(): o.zero_grad(set_to_none=True)  # a loss may reach other networks' weights (a GAN's)
+            key = 'loss' if n == main else f'loss_{n}'
+            history.setdefault(key, []).append(acc.reduce(loss.detach(), 'mean').item())
             for k, v in logs.items(): history.setdefault(k, []).append(float(v))
         for n, e in emas.items(): e.update_parameters(raw[n])
         if progress and acc.is_main_process and (step + 1) % cfg.log_every == 0:
@@ -230,10 +248,12 @@ def fit(task: Task, cfg, out_dir=None, resume: bool = False, progress: bool = Tr
         if out is not None and (done % cfg.ckpt_every == 0 or done == end):
             acc.wait_for_everyone()
             if acc.is_main_process:
-                meta = dict(train_config=asdict(cfg) if is_dataclass(cfg) else dict(vars(cfg)), history=history, **task.meta(),
-                            command=command or f"diffstudy.train.fit({type(task).__name__}, cfg, {str(out)!r}) called from Python",
+                config = asdict(cfg) if is_dataclass(cfg) else dict(vars(cfg))
+                meta = dict(train_config=config, history=history, **task.meta(),
+                            command=command or f"diffstudy.train.fit({type(task).__name__}, cfg, {str(out)!r})",
                             processes=world, wall_time_s=wall0 + time.time() - t0)
-                save_checkpoint(out / f'ckpt-{done:06d}', raw[main], emas.get(main), opts[main], done, meta, extra=extra(task.state_dict() or None))
+                save_checkpoint(out / f'ckpt-{done:06d}', raw[main], emas.get(main), opts[main], done, meta,
+                                extra=extra(task.state_dict() or None))
                 for old in sorted(out.glob('ckpt-[0-9]*'))[:-cfg.keep]: shutil.rmtree(old)
             acc.wait_for_everyone()
     return history
@@ -248,28 +268,35 @@ class TrainConfig(LoopConfig):
     param: str = 'eps'
     sample_every: int = 0  # steps between grids of samples written to the output folder; 0: none
     data: str = 'fashion_mnist'
-    label_dropout: float = 0.0  # the fraction of labels replaced by the null class, so one network also learns p(x) (classifier-free guidance)
+    label_dropout: float = 0.0  # labels replaced by the null class, so that one network also learns p(x) (for CFG)
     weighting: str = None  # the loss's x0 weighting (diffusion.WEIGHTINGS); None: the param's own
     min_snr_gamma: float = 5.0  # gamma of the min_snr weighting
-    t_sampling: str = 'uniform'  # training timesteps: 'uniform' over 0..T-1, or 'lognormal' (EDM's log sigma ~ N(-1.2, 1.2^2))
+    t_sampling: str = 'uniform'  # timesteps: 'uniform' over 0..T-1, or 'lognormal' (EDM's log sigma ~ N(-1.2, 1.2^2))
 
 _UNET = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,))
 CONFIGS = {
     'tiny': TrainConfig(model=_UNET, steps=200, batch_size=32, lr=1e-3, warmup=20, ckpt_every=100, ema_decay=0.99),
-    # the shipped FashionMNIST DDPM: 1.37M parameters, 0.60 GFLOP per image; 1,700 steps of 64 fit the hour on 2 CPU cores
-    'fashion': TrainConfig(model=_UNET, steps=1700, batch_size=64, lr=5e-4, warmup=100, ckpt_every=250, sample_every=500),
+    # the shipped FashionMNIST DDPM: 1.37M parameters, 0.60 GFLOP per image, 1,700 steps of 64
+    'fashion': TrainConfig(model=_UNET, steps=1700, batch_size=64, lr=5e-4, warmup=100, ckpt_every=250,
+                           sample_every=500),
     # the same network and budget with a class embedding (10 classes + the null class) and 10% label dropout
-    'fashion_cond': TrainConfig(model=dict(_UNET, num_classes=10), steps=1700, batch_size=64, lr=5e-4, warmup=100, ckpt_every=250,
+    # the shipped v model: the same network with the v-prediction recipe (cosine, min-SNR-5) and bf16 autocast, for an hour of 2 CPU cores
+    'fashion_v': TrainConfig(model=_UNET, param='v', schedule='cosine', weighting='min_snr', precision='bf16', steps=6500, batch_size=64,
+                             lr=5e-4, warmup=100, ckpt_every=500, sample_every=2000),
+    'fashion_cond': TrainConfig(model=dict(_UNET, num_classes=10), steps=1700, batch_size=64, lr=5e-4, warmup=100,
+                                ckpt_every=250,
                                 sample_every=500, label_dropout=0.1),
 }
 
-_OBJECTIVE_FIELDS = ('param', 'schedule', 'zero_snr', 'weighting', 'min_snr_gamma', 't_sampling')  # what a resumed run must share
+# what a resumed run must share with its checkpoint
+_OBJECTIVE_FIELDS = ('param', 'schedule', 'zero_snr', 'weighting', 'min_snr_gamma', 't_sampling')
 
 def _images_labels(data):
     "The training data by name, a tensor of images, or a pair (images, labels), as (images, labels or None)."
     if isinstance(data, str):
         if data != 'fashion_mnist':
-            raise ValueError(f"unknown data {data!r}; the training loop knows 'fashion_mnist', or pass images (or a pair of images and labels)")
+            raise ValueError(f"unknown data {data!r}; the training loop knows 'fashion_mnist', or pass images (or a "
+                             "pair of images and labels)")
         d = fashion_mnist('train')
         return d.images, d.labels
     if isinstance(data, (tuple, list)):
@@ -279,20 +306,27 @@ def _images_labels(data):
     return data, None
 
 def sample_grid(model, schedule, param, n: int = 16, steps: int = 50, seed: int = 0, path=None):
-    "n samples from a model (50 DDPM steps, trailing spacing), saved as a PNG grid when path is given; returns the images."
+    """n samples from a model (50 DDPM steps, trailing spacing), saved as a PNG grid when path is given; returns the
+    images."""
     from torchvision.utils import save_image
-    x = generate(Denoiser(model, schedule, param), n, steps, seed, batch_size=n, sampler='ddpm', spacing='trailing').cpu()
+    den = Denoiser(model, schedule, param)
+    x = generate(den, n, steps, seed, batch_size=n, sampler='ddpm', spacing='trailing').cpu()
     if path is not None: save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=int(math.sqrt(n)))
     return x
 
 class DiffusionTask(Task):
-    "Training a diffusion U-Net: each step draws images, timesteps, noise (and labels, some dropped to the null class) and takes `diffusion_loss`."
+    """Training a diffusion U-Net: each step draws images, timesteps, noise (and labels, some dropped to the null class)
+    and takes `diffusion_loss`."""
     def __init__(self, cfg: TrainConfig, data=None):
-        if cfg.param not in PARAMETERIZATIONS: raise ValueError(f"unknown param {cfg.param!r}; choose one of {', '.join(PARAMETERIZATIONS)}")
+        if cfg.param not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown param {cfg.param!r}; choose one of {', '.join(PARAMETERIZATIONS)}")
         if cfg.weighting is not None and cfg.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {cfg.weighting!r}; choose one of {', '.join(WEIGHTINGS)}, or None for the param's own")
-        if cfg.t_sampling not in ('uniform', 'lognormal'): raise ValueError(f"unknown t_sampling {cfg.t_sampling!r}; choose 'uniform' or 'lognormal'")
-        if not 0 <= cfg.label_dropout < 1: raise ValueError(f"label_dropout must lie in [0, 1), got {cfg.label_dropout}")
+            raise ValueError(f"unknown weighting {cfg.weighting!r}; choose one of {', '.join(WEIGHTINGS)}, or None "
+                             "for the param's own")
+        if cfg.t_sampling not in ('uniform', 'lognormal'):
+            raise ValueError(f"unknown t_sampling {cfg.t_sampling!r}; choose 'uniform' or 'lognormal'")
+        if not 0 <= cfg.label_dropout < 1:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {cfg.label_dropout}")
         self.cfg = cfg
         self.images, self.labels = _images_labels(cfg.data if data is None else data)
         self.schedule = get_schedule(cfg.schedule, zero_snr=cfg.zero_snr)
@@ -301,16 +335,19 @@ class DiffusionTask(Task):
         n_cls = self.n_cls = self.nets['model'].config.num_classes
         if n_cls is not None:
             if self.labels is None:
-                raise ValueError(f"the model is class-conditional ({n_cls} classes) but the data has no labels: pass data=(images, labels)")
+                raise ValueError(f"the model is class-conditional ({n_cls} classes) but the data has no labels: pass "
+                                 "data=(images, labels)")
             if self.labels.min() < 0 or self.labels.max() >= n_cls:
-                raise ValueError(f"labels must lie in 0..{n_cls - 1}, got {self.labels.min().item()} to {self.labels.max().item()}")
+                raise ValueError(f"labels must lie in 0..{n_cls - 1}, got {self.labels.min().item()} to "
+                                 f"{self.labels.max().item()}")
         elif cfg.label_dropout: raise ValueError("label_dropout needs a class-conditional model (model num_classes)")
 
     def batch(self, step, g):
         cfg, sch, B = self.cfg, self.schedule, self.cfg.batch_size
         C, H = self.nets['model'].config.in_channels, self.nets['model'].config.image_size
         idx = torch.randint(0, len(self.images), (B,), generator=g)
-        t = torch.randint(0, sch.T, (B,), generator=g) if cfg.t_sampling == 'uniform' else lognormal_timesteps(sch, B, generator=g)
+        if cfg.t_sampling == 'uniform': t = torch.randint(0, sch.T, (B,), generator=g)
+        else: t = lognormal_timesteps(sch, B, generator=g)
         b = dict(x0=self.images[idx], t=t, eps=torch.randn(B, C, H, H, generator=g))
         if self.n_cls is not None:  # each label replaced by the null class n_cls with probability label_dropout
             b['y'] = torch.where(torch.rand(B, generator=g) < cfg.label_dropout, self.n_cls, self.labels[idx])
@@ -323,23 +360,28 @@ class DiffusionTask(Task):
 
     def after_step(self, done, loop):
         if self.cfg.sample_every and done % self.cfg.sample_every == 0 and loop.main and loop.out is not None:
-            sample_grid(loop.ema.get('model', loop.nets['model']), self.schedule, self.cfg.param, path=loop.out / f'samples-{done:06d}.png')
+            model = loop.ema.get('model', loop.nets['model'])
+            sample_grid(model, self.schedule, self.cfg.param, path=loop.out / f'samples-{done:06d}.png')
 
     def meta(self):
-        return dict(param=self.cfg.param, schedule=dict(name=self.cfg.schedule, T=self.schedule.T, zero_snr=self.cfg.zero_snr))
+        schedule = dict(name=self.cfg.schedule, T=self.schedule.T, zero_snr=self.cfg.zero_snr)
+        return dict(param=self.cfg.param, schedule=schedule)
 
     def check_resume(self, info, ck):
         saved, cfg = info.get('train_config', {}), json.loads(json.dumps(asdict(self.cfg)))
-        if saved.get('model') != cfg['model']: raise CheckpointError(f"{ck} was trained with another model configuration; use a new output folder")
+        if saved.get('model') != cfg['model']:
+            raise CheckpointError(f"{ck} was trained with another model configuration; use a new output folder")
         default = lambda k: TrainConfig.__dataclass_fields__[k].default
-        changed = [f"{k} {saved.get(k, default(k))!r} -> {cfg[k]!r}" for k in _OBJECTIVE_FIELDS if saved.get(k, default(k)) != cfg[k]]
+        changed = [f"{k} {saved.get(k, default(k))!r} -> "
+                   f"{cfg[k]!r}" for k in _OBJECTIVE_FIELDS if saved.get(k, default(k)) != cfg[k]]
         if changed:
-            raise CheckpointError(f"{ck} was trained with another objective ({'; '.join(changed)}); resume with the same options, "
-                                  "or use a new output folder")
+            raise CheckpointError(f"{ck} was trained with another objective ({'; '.join(changed)}); resume with the "
+                                  "same options, or use a new output folder")
 
-def train(cfg: TrainConfig, out_dir, resume: bool = False, data=None, progress: bool = True, command: str = None, stop_at: int = None):
-    """Train a diffusion U-Net with `cfg` by the one loop, writing checkpoints to `out_dir`; resume from its latest checkpoint if asked;
-    `stop_at` ends the run early. Returns the history."""
+def train(cfg: TrainConfig, out_dir, resume: bool = False, data=None, progress: bool = True, command: str = None,
+          stop_at: int = None):
+    """Train a diffusion U-Net with `cfg` by the one loop, writing checkpoints to `out_dir`; resume from its latest
+    checkpoint if asked; `stop_at` ends the run early. Returns the history."""
     return fit(DiffusionTask(cfg, data), cfg, out_dir, resume, progress,
                command or f"diffstudy.train.train(cfg, {str(out_dir)!r}) called from Python", stop_at)
 
@@ -381,22 +423,28 @@ def train_cli(config: Param("named configuration: " + ', '.join(CONFIGS), str) =
     prog = 'diffstudy_train'
     if config not in CONFIGS: cli_error(prog, f"unknown configuration {config!r}; choose one of {', '.join(CONFIGS)}")
     cfg = TrainConfig(**asdict(CONFIGS[config]))
-    for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, ckpt_every=ckpt_every, sample_every=sample_every).items():
+    counts = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, ckpt_every=ckpt_every,
+                  sample_every=sample_every)
+    for k, v in counts.items():
         if v is None: continue
         if v < 0 or (v == 0 and k not in ('seed', 'sample_every')): cli_error(prog, f"--{k} must be positive, got {v}")
         setattr(cfg, k, v)
-    for k, v in dict(param=param, schedule=schedule, weighting=weighting, t_sampling=t_sampling, precision=precision).items():
+    names = dict(param=param, schedule=schedule, weighting=weighting, t_sampling=t_sampling, precision=precision)
+    for k, v in names.items():
         if v is not None: setattr(cfg, k, v)
     if zero_snr: cfg.zero_snr = True
     if channels_last: cfg.channels_last = True
-    if cfg.schedule not in SCHEDULES: cli_error(prog, f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if cfg.schedule not in SCHEDULES:
+        cli_error(prog, f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     out = Path(out or f'runs/{config}')
     check_out_dir(prog, out, resume)
-    try: hist = train(cfg, out, resume=resume, progress=not quiet, command='diffstudy_train ' + shlex.join(sys.argv[1:]))
+    command = 'diffstudy_train ' + shlex.join(sys.argv[1:])
+    try: hist = train(cfg, out, resume=resume, progress=not quiet, command=command)
     except (CheckpointError, FloatingPointError, ValueError, DataNotFoundError) as e: cli_error(prog, e)
     if hist['loss']:
         last = hist['loss'][-50:]
-        print(f"trained to step {cfg.steps}; mean loss of the last {len(last)} steps {sum(last) / len(last):.4f}; checkpoints in {out}")
+        print(f"trained to step {cfg.steps}; mean loss of the last {len(last)} steps {sum(last) / len(last):.4f}; "
+              f"checkpoints in {out}")
 
 # %% ../nbs/06_evaluation.ipynb #b538d75a
 def _augment(x, generator):
@@ -410,14 +458,16 @@ def _augment(x, generator):
     return out
 
 class ClassifierTask(Task):
-    """Training a FashionMNIST classifier: augmented training images, label-smoothed cross-entropy, the test accuracy after each epoch.
-    With a noise `schedule`, each image is noised to a uniformly drawn timestep and the model is called as model(x_t, t)."""
+    """Training a FashionMNIST classifier: augmented training images, label-smoothed cross-entropy, the test accuracy
+    after each epoch. With a noise `schedule`, each image is noised to a uniformly drawn timestep and the model is
+    called as model(x_t, t)."""
     ema = ()
     def __init__(self, model=None, schedule=None, batch_size: int = 128, label_smoothing: float = 0.1, seed: int = 0):
         if schedule is not None and model is None:
-            raise ValueError("a noise-conditional classifier needs its model: pass model= (called as model(x_t, t)) with schedule=")
+            raise ValueError("a noise-conditional classifier needs its model: pass model= (called as model(x_t, t)) "
+                             "with schedule=")
         torch.manual_seed(seed)
-        self.g = torch.Generator().manual_seed(seed)  # one stream for the permutations, the augmentation and the noise of the whole run
+        self.g = torch.Generator().manual_seed(seed)  # one stream for the permutations, augmentation and noise
         self.train_set, self.test = fashion_mnist('train'), fashion_mnist('test')
         self.nets = {'model': model if model is not None else FashionClassifier()}
         self.schedule, self.batch_size, self.label_smoothing = schedule, batch_size, label_smoothing
@@ -462,17 +512,21 @@ class ClassifierTask(Task):
         return m
 
 def train_classifier(epochs: int = 8, batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4, seed: int = 0,
-                     out=None, progress: bool = True, command: str = None, model=None, schedule=None, label_smoothing: float = 0.1,
+                     out=None, progress: bool = True, command: str = None, model=None, schedule=None,
+                     label_smoothing: float = 0.1,
                      resume: bool = False, stop_at: int = None):
-    """Train a classifier of FashionMNIST by the one loop (SGD with Nesterov momentum, a one-cycle rate), checkpointing each epoch into
-    `out` when given (`stop_at` ends the run early); returns (model, history). By default the FID classifier; with a noise `schedule` and a `model` called as
-    model(x_t, t), the noise-conditional classifier of classifier guidance."""
+    """Train a classifier of FashionMNIST by the one loop (SGD with Nesterov momentum, a one-cycle rate), checkpointing
+    each epoch into `out` when given (`stop_at` ends the run early); returns (model, history). By default the FID
+    classifier; with a noise `schedule` and a `model` called as model(x_t, t), the noise-conditional classifier of
+    classifier guidance."""
     if int(epochs) != epochs or epochs < 1: raise ValueError(f"epochs must be a positive integer, got {epochs}")
     task = ClassifierTask(model, schedule, batch_size, label_smoothing, seed)
-    cfg = LoopConfig(steps=int(epochs) * task.steps_per_epoch, batch_size=batch_size, optimizer='sgd', lr=lr, weight_decay=weight_decay,
+    cfg = LoopConfig(steps=int(epochs) * task.steps_per_epoch, batch_size=batch_size, optimizer='sgd', lr=lr,
+                     weight_decay=weight_decay,
                      lr_schedule='onecycle', pct_start=0.25, warmup=0, grad_clip=None, ema_decay=None, seed=seed,
                      ckpt_every=task.steps_per_epoch)
-    hist = fit(task, cfg, out, resume, progress, command or f"train_classifier(epochs={epochs}, batch_size={batch_size}, lr={lr}, seed={seed})",
+    command = command or f"train_classifier(epochs={epochs}, batch_size={batch_size}, lr={lr}, seed={seed})"
+    hist = fit(task, cfg, out, resume, progress, command,
                stop_at)
     return task.nets['model'].eval(), hist
 

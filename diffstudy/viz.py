@@ -51,7 +51,8 @@ def plot_density(log_prob, ax=None, lims=3.0, n=200, title=None, cmap='viridis')
     return ax
 
 def plot_score_field(score, ax=None, lims=3.0, n=21, title=None, color=None):
-    "Arrows of a score field on an n x n grid, the longest one grid cell, lengths compressed as |v|^0.3; `score` maps (M, 2) to (M, 2)."
+    """Arrows of a score field on an n x n grid, the longest one grid cell, lengths compressed as |v|^0.3; `score` maps
+    (M, 2) to (M, 2)."""
     xs, pts = _grid(lims, n)
     with torch.no_grad(): v = torch.as_tensor(score(pts)).float().cpu()
     norm = v.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -26,17 +26,20 @@ class _ResBlock(nn.Module):
         self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
         self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
         same = stride == 1 and c_in == c_out
-        self.skip = nn.Identity() if same else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        if same: self.skip = nn.Identity()
+        else: self.skip = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
     def forward(self, x): return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.skip(x))
 
 class FashionClassifier(nn.Module):
-    "A small ResNet for 32x32 FashionMNIST in [-1, 1]; `features(x)` is its penultimate layer, the features of the course's FID."
+    """A small ResNet for 32x32 FashionMNIST in [-1, 1]; `features(x)` is its penultimate layer, the features of the
+    course's FID."""
     def __init__(self, config: ClassifierConfig = None):
         super().__init__()
         self.config = cfg = config or ClassifierConfig()
         cfg.widths = tuple(cfg.widths)
         w = cfg.widths
-        self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, w[0], 3, 1, 1, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, w[0], 3, 1, 1, bias=False), nn.BatchNorm2d(w[0]),
+                                  nn.ReLU())
         self.blocks = nn.Sequential(*[_ResBlock(w[max(i - 1, 0)], w[i], 1 if i == 0 else 2) for i in range(len(w))])
         self.head = nn.Linear(w[-1], cfg.num_classes)
 

@@ -13,12 +13,14 @@ import torch.nn.functional as F
 
 # %% ../../nbs/00d_nets.ipynb #a0d1e007
 class ToyMLP(nn.Module):
-    "An MLP on d-dimensional points, optionally conditioned on one scalar per point by Fourier features added to every hidden layer."
+    """An MLP on d-dimensional points, optionally conditioned on one scalar per point by Fourier features added to every
+    hidden layer."""
     def __init__(self, d: int = 2, hidden: int = 128, depth: int = 3, cond: bool = False, n_freq: int = 16,
                  freq_max: float = 16.0,
                  cond_scale: float = 1.0):  # c is multiplied by cond_scale first (1/T puts a timestep 0..T-1 in [0, 1))
         super().__init__()
-        self.config = dict(d=d, hidden=hidden, depth=depth, cond=cond, n_freq=n_freq, freq_max=freq_max, cond_scale=cond_scale)
+        self.config = dict(d=d, hidden=hidden, depth=depth, cond=cond, n_freq=n_freq, freq_max=freq_max,
+                           cond_scale=cond_scale)
         self.d, self.cond, self.cond_scale = d, cond, cond_scale
         self.inp = nn.Linear(d, hidden)
         self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
@@ -28,7 +30,8 @@ class ToyMLP(nn.Module):
             self.emb = nn.ModuleList(nn.Linear(2 * n_freq, hidden) for _ in range(depth))
 
     def forward(self, x, c=None):
-        if x.ndim != 2 or x.shape[1] != self.d: raise ValueError(f"x must have shape (N, {self.d}), got {tuple(x.shape)}")
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise ValueError(f"x must have shape (N, {self.d}), got {tuple(x.shape)}")
         if self.cond:
             if c is None: raise ValueError("this network is conditional: pass c, one scalar per point (or one for all)")
             c = torch.as_tensor(c, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))
@@ -43,7 +46,8 @@ class ToyMLP(nn.Module):
         return self.out(h)
 
 class ScoreMLP(nn.Module):
-    "A score model: s(x) = net(x), or, noise-conditional, s(x, sigma) = net(x, log sigma) / sigma (NCSNv2's output scaling)."
+    """A score model: s(x) = net(x), or, noise-conditional, s(x, sigma) = net(x, log sigma) / sigma (NCSNv2's output
+    scaling)."""
     def __init__(self, noise_conditional: bool = False, **kwargs):
         super().__init__()
         self.config = dict(noise_conditional=noise_conditional, **kwargs)
@@ -52,7 +56,8 @@ class ScoreMLP(nn.Module):
 
     def forward(self, x, sigma=None):
         if not self.noise_conditional:
-            if sigma is not None: raise ValueError("this score model has no noise level; build it with noise_conditional=True")
+            if sigma is not None:
+                raise ValueError("this score model has no noise level; build it with noise_conditional=True")
             return self.net(x)
         if sigma is None: raise ValueError("this score model is noise-conditional: pass sigma")
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))

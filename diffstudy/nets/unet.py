@@ -33,8 +33,10 @@ def zero_init(module: nn.Module):
     return module
 
 class ResBlock(nn.Module):
-    "ADM residual block: AdaGN injection of the embedding, optional BigGAN-style up/down resampling, zero-initialised last conv."
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, up: bool = False, down: bool = False):
+    """ADM residual block: AdaGN injection of the embedding, optional BigGAN-style up/down resampling, zero-initialised
+    last conv."""
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, up: bool = False,
+                 down: bool = False):
         super().__init__()
         if up and down: raise ValueError("a block resamples up or down, not both")
         self.in_norm, self.in_conv = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
@@ -60,7 +62,8 @@ class AttentionBlock(nn.Module):
     cross-attention to a context (N, M, context_dim) when context_dim is set."""
     def __init__(self, ch: int, num_heads: int = None, head_channels: int = None, context_dim: int = None):
         super().__init__()
-        if (num_heads is None) == (head_channels is None): raise ValueError("give exactly one of num_heads and head_channels")
+        if (num_heads is None) == (head_channels is None):
+            raise ValueError("give exactly one of num_heads and head_channels")
         if head_channels is not None:
             if ch % head_channels: raise ValueError(f"{ch} channels do not split into heads of {head_channels}")
             num_heads = ch // head_channels
@@ -73,14 +76,17 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x, context=None):
         n, c, hgt, wid = x.shape
-        q, k, v = self.qkv(self.norm(x).reshape(n, c, -1)).chunk(3, dim=1)  # (n, c, L) each
-        if context is not None:
+        hd = c // self.heads
+        tokens = self.norm(x).reshape(n, c, -1).transpose(1, 2)  # (n, L, c)
+        # token-major projections: each head's q, k, v are contiguous in their last dimension, which fused kernels need
+        qkv = F.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)  # (n, L, 3c)
+        q, k, v = qkv.view(n, -1, 3, self.heads, hd).permute(2, 0, 3, 1, 4)  # (n, heads, L, hd) each
+        if context is not None:  # (n, M, context_dim): keys and values from the context
             if self.ctx_kv is None: raise ValueError("this attention block was built without context_dim")
-            k, v = self.ctx_kv(context).transpose(1, 2).chunk(2, dim=1)  # (n, c, M) each
-        split = lambda z: z.reshape(n, self.heads, c // self.heads, -1).transpose(2, 3)  # (n, heads, L, d)
-        a = F.scaled_dot_product_attention(split(q), split(k), split(v))
-        a = a.transpose(2, 3).reshape(n, c, -1)
-        return x + self.proj(a).reshape(n, c, hgt, wid)
+            k, v = self.ctx_kv(context).view(n, -1, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # (n, heads, M, hd) each
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, c)  # (n, L, c)
+        out = F.linear(a, self.proj.weight[:, :, 0], self.proj.bias)  # the 1x1 output projection
+        return x + out.transpose(1, 2).reshape(n, c, hgt, wid)
 
 # %% ../../nbs/03_unet.ipynb #fdacbbc3
 @dataclass
@@ -124,8 +130,10 @@ class UNet(nn.Module):
                 if res in cfg.attention_resolutions: blocks.append(attn(ch))
                 self.down.append(nn.ModuleList(blocks)); skips.append(ch)
             if level < len(cfg.channel_mult) - 1:
-                self.down.append(nn.ModuleList([ResBlock(ch, ch, emb_dim, cfg.dropout, down=True)])); skips.append(ch); res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, cfg.dropout), attn(ch), ResBlock(ch, ch, emb_dim, cfg.dropout)])
+                self.down.append(nn.ModuleList([ResBlock(ch, ch, emb_dim, cfg.dropout, down=True)]))
+                skips.append(ch); res //= 2
+        mid_res = lambda: ResBlock(ch, ch, emb_dim, cfg.dropout)
+        self.mid = nn.ModuleList([mid_res(), attn(ch), mid_res()])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
@@ -142,10 +150,12 @@ class UNet(nn.Module):
         return h
 
     def encode(self, x, t, y=None, context=None):
-        "The encoder half: the features after the middle block, the skip activations, and the embedding (a noisy classifier stops here)."
+        """The encoder half: the features after the middle block, the skip activations, and the embedding (a noisy
+        classifier stops here)."""
         cfg = self.config
         if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
-            raise ValueError(f"x must be N x {cfg.in_channels} x {cfg.image_size} x {cfg.image_size}, got {tuple(x.shape)}")
+            raise ValueError(f"x must be N x {cfg.in_channels} x {cfg.image_size} x {cfg.image_size}, got "
+                             f"{tuple(x.shape)}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(x.dtype))
         if self.class_embed is not None:
@@ -154,7 +164,8 @@ class UNet(nn.Module):
             if ((y < 0) | (y > cfg.num_classes)).any():
                 raise ValueError(f"class labels must lie in 0..{cfg.num_classes - 1} ({cfg.num_classes} = null)")
             emb = emb + self.class_embed(y)
-        elif y is not None: raise ValueError("this U-Net has no class conditioning (num_classes is None), but a label y was given")
+        elif y is not None:
+            raise ValueError("this U-Net has no class conditioning (num_classes is None), but a label y was given")
         h, hs = self.inp(x), []
         hs.append(h)
         for blocks in self.down:
@@ -181,15 +192,18 @@ class NoisyClassifierConfig(UNetConfig):
     classes: int = 10
 
 class NoisyClassifier(UNet):
-    "p(y | x_t, t): the ADM U-Net's encoder half (`UNet.encode`) with a pooled linear head; `clf(x_t, t)` returns class logits (N, classes)."
+    """p(y | x_t, t): the ADM U-Net's encoder half (`UNet.encode`) with a pooled linear head; `clf(x_t, t)` returns
+    class logits (N, classes)."""
     def __init__(self, config: NoisyClassifierConfig = None, **kwargs):
         cfg = config if config is not None else NoisyClassifierConfig(**kwargs)
         if cfg.num_classes is not None:
-            raise ValueError("a noisy classifier takes no class input: leave num_classes None and set classes, the number it predicts")
+            raise ValueError("a noisy classifier takes no class input: leave num_classes None and set classes, the "
+                             "number it predicts")
         super().__init__(cfg)
         del self.up, self.out  # the decoder: only the encoder half is used
         ch = cfg.channel_mult[-1] * cfg.model_channels
-        self.head = nn.Sequential(group_norm(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ch, cfg.classes))
+        self.head = nn.Sequential(group_norm(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(ch, cfg.classes))
 
     def forward(self, x, t):
         return self.head(self.encode(x, t)[0])
