@@ -37,8 +37,8 @@ def model_config(model) -> dict:
     if dataclasses.is_dataclass(cfg): return dataclasses.asdict(cfg)
     if isinstance(cfg, dict): return dict(cfg)
     known = ', '.join(network_classes())
-    raise CheckpointError(f"cannot describe a {type(model).__name__} in a checkpoint: it has no `config` (a dataclass, "
-                          f"or a dict of its constructor's arguments); networks of the package: {known}")
+    raise CheckpointError(f"cannot describe a {type(model).__name__} in a checkpoint: it has no `config` (a "
+                          f"dataclass, or a dict of its constructor's arguments); networks of the package: {known}")
 
 def hardware() -> dict:
     "What this process runs on: for a checkpoint's JSON."
@@ -179,6 +179,7 @@ def build_model(info: dict):
 
 def load_checkpoint(path, weights: str = 'ema', map_location='cpu'):
     "Load a checkpoint folder: returns (model, info). `weights` is 'ema' (the default, when present) or 'model'."
+    if weights not in ('ema', 'model'): raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     info = read_info(path)
     model = build_model(info)
     path = Path(path)
@@ -237,9 +238,9 @@ def load_pretrained(name: str, map_location='cpu'):
         p = pretrained_dir() / name
         if not pretrained_dir().is_dir():
             raise CheckpointError(f"unknown model {name!r}: the shipped models live in the repository's data/ folder, "
-                                  f"which this installation does not have ({pretrained_dir()}); install from a clone "
-                                  "with `pip install -e .`, or pass the path of a checkpoint folder")
+                                  f"which this installation does not have ({pretrained_dir()}); install from a "
+                                  "clone with `pip install -e .`, or pass the path of a checkpoint folder")
         if not p.is_dir():
-            raise CheckpointError(f"unknown model {name!r}: not a checkpoint folder, and not one of the shipped models "
-                                  f"({', '.join(available_models()) or 'none yet'}) in {pretrained_dir()}")
+            raise CheckpointError(f"unknown model {name!r}: not a checkpoint folder, and not one of the shipped "
+                                  f"models ({', '.join(available_models()) or 'none yet'}) in {pretrained_dir()}")
     return load_checkpoint(p, map_location=map_location)

@@ -42,8 +42,8 @@ def to_x0_eps(pred, x_t, alpha, sigma, param: str = 'eps'):
     if param == 'eps':
         if (a == 0) if isinstance(a, (int, float)) else bool((a == 0).any()):
             raise ValueError("an eps prediction cannot give x0 where alpha_t = 0 (SNR 0, the last timestep of a "
-                             "zero-terminal-SNR schedule): x0 = (x_t - sigma eps) / 0. Predict v or x0 instead, or use "
-                             "a schedule whose terminal SNR is above 0")
+                             "zero-terminal-SNR schedule): x0 = (x_t - sigma eps) / 0. Predict v or x0 instead, or "
+                             "use a schedule whose terminal SNR is above 0")
         return (x_t - s * pred) / a, pred
     if param == 'x0': return pred, (x_t - a * pred) / s
     return a * x_t - s * pred, s * x_t + a * pred

@@ -10,8 +10,7 @@ import copy
 import torch
 import torch.nn as nn
 from .data import CLASSES
-from .diffusion import Denoiser, Prediction, per_sample, to_x0_eps
-from .nets.unet import NoisyClassifier, NoisyClassifierConfig
+from .diffusion import Prediction, per_sample, to_x0_eps
 
 # %% ../nbs/08_classifier_guidance.ipynb #f54a37f4
 GUIDANCE_FORMS = ('score', 'mean')
@@ -42,6 +41,10 @@ class DenoiserWrapper:
         new = copy.copy(self); new.denoiser = self.denoiser.with_cond(**cond)
         return new
 
+def _takes_labels(denoiser) -> bool:
+    "Whether a denoiser's network is class-conditional (its config has num_classes)."
+    return getattr(getattr(getattr(denoiser, 'net', None), 'config', None), 'num_classes', None) is not None
+
 class ClassifierGuidance(DenoiserWrapper):
     """Classifier guidance as a denoiser: `denoiser` steered by s * grad log p(y | x_t, t) of a noisy `classifier(x_t,
     t)`. Form 'score' corrects eps (every sampler); form 'mean' shifts an ancestral step's mean by Sigma s grad
@@ -66,7 +69,9 @@ class ClassifierGuidance(DenoiserWrapper):
     def __repr__(self): return f"ClassifierGuidance(scale={self.scale}, form={self.form!r}, {self.denoiser!r})"
 
     def with_cond(self, y=None, **cond) -> 'ClassifierGuidance':
-        "The same guidance towards other labels `y`; other conditioning goes to the inner denoiser."
+        """The same guidance towards other labels `y`; an inner denoiser that takes labels (a class-conditional network,
+        or classifier-free guidance) is given them too, other conditioning goes to the inner denoiser."""
+        if y is not None and _takes_labels(self.denoiser): cond = dict(cond, y=y)
         new = super().with_cond(**cond) if cond else copy.copy(self)
         if y is not None: new.y = torch.as_tensor(y).long().reshape(-1)
         return new
@@ -110,10 +115,11 @@ def class_index(label, classes=CLASSES) -> int:
         if key(str(label)) in (key(c), key(c.split('/')[0])): return i
     raise ValueError(f"unknown class {label!r}; choose an index 0..{len(classes) - 1} or one of: {', '.join(classes)}")
 
-def _per_batch(cond: dict, n: int) -> dict:
-    "Conditioning with each tensor given once or once per sample, expanded to n samples."
+def _per_batch(cond: dict, n: int, device) -> dict:
+    "Conditioning with each tensor given once or once per sample, expanded to n samples, on `device`."
     out = {}
     for k, v in cond.items():
+        if torch.is_tensor(v): v = v.to(device)
         if torch.is_tensor(v) and (v.ndim == 0 or len(v) == 1): v = v.reshape(1, *v.shape[1:]).expand(n, *v.shape[1:])
         elif torch.is_tensor(v) and len(v) != n:
             raise ValueError(f"conditioning {k} must be one value or one per sample ({n}), got {len(v)}")
@@ -128,6 +134,8 @@ class ClassifierFreeGuidance(DenoiserWrapper):
                  uncond: dict = None):
         super().__init__(denoiser)
         if not w >= 0: raise ValueError(f"the guidance scale w must be >= 0 (0: the plain conditional model), got {w}")
+        if y is not None and (cond is not None or uncond is not None):
+            raise ValueError("give class labels y, or the conditioning cond= and uncond=, not both")
         if y is not None:
             if null_class is None: null_class = getattr(getattr(denoiser.net, 'config', None), 'num_classes', None)
             if null_class is None:
@@ -157,7 +165,7 @@ class ClassifierFreeGuidance(DenoiserWrapper):
         n = len(x_t)
         if 'y' in self.cond and len(self.cond['y']) not in (1, n):
             raise ValueError(f"labels must be one class or one per sample ({n}), got {len(self.cond['y'])}")
-        c, u = _per_batch({**self.cond, **cond}, n), _per_batch({**self.uncond, **cond}, n)
+        c, u = _per_batch({**self.cond, **cond}, n, x_t.device), _per_batch({**self.uncond, **cond}, n, x_t.device)
         if self.w == 0: return self.denoiser(x_t, t, **c)
         inner = self.denoiser.unclipped()  # clip only the guided estimate
         if c.keys() == u.keys() and all(torch.is_tensor(c[k]) and c[k].shape == u[k].shape for k in c):
@@ -165,9 +173,12 @@ class ClassifierFreeGuidance(DenoiserWrapper):
             t2 = t if one_t else torch.cat([torch.as_tensor(t)] * 2)
             both = inner(torch.cat([x_t, x_t]), t2, **{k: torch.cat([c[k], u[k].to(c[k].device)]) for k in c})
             (x0_c, x0_u), (eps_c, eps_u) = both.x0.chunk(2), both.eps.chunk(2)
+            g_c, g_u = both.grad.chunk(2) if both.grad is not None else (None, None)
         else:
             pc, pu = inner(x_t, t, **c), inner(x_t, t, **u)
-            x0_c, x0_u, eps_c, eps_u = pc.x0, pu.x0, pc.eps, pu.eps
-        guided = Prediction((1 + self.w) * x0_c - self.w * x0_u, (1 + self.w) * eps_c - self.w * eps_u)
+            x0_c, x0_u, eps_c, eps_u, g_c, g_u = pc.x0, pu.x0, pc.eps, pu.eps, pc.grad, pu.grad
+        mix = lambda a, b: (1 + self.w) * a - self.w * b
+        grad = None if g_c is None and g_u is None else mix(0 if g_c is None else g_c, 0 if g_u is None else g_u)
+        guided = Prediction(mix(x0_c, x0_u), mix(eps_c, eps_u), grad)  # an inner mean-shift term mixes like the rest
         _, alpha, sigma = self.coefficients(x_t, t)
         return self.clip(guided, x_t, alpha, sigma)

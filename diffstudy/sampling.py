@@ -170,7 +170,8 @@ def ddim(denoiser, x, steps: int = 50, eta: float = 0.0, spacing: str = 'trailin
 # %% ../nbs/07_samplers.ipynb #402a71de
 def karras_sigmas(schedule, steps: int, rho: float = 7.0):
     """Karras et al.'s noise levels: sigma^(1/rho) evenly spaced from the schedule's largest to its smallest sigma, then
-    0 (steps + 1 values). A zero-terminal-SNR schedule starts at sigma = inf and ramps from its largest finite sigma."""
+    0 (steps + 1 values). On a zero-terminal-SNR schedule the first level is sigma = inf, in place of the ramp's
+    first (its largest finite sigma)."""
     s_max, s_min = ve_sigma(schedule, schedule.T - 1).item(), ve_sigma(schedule, 0).item()
     zero_snr = math.isinf(s_max)
     if zero_snr: s_max = ve_sigma(schedule, schedule.T - 2).item()

@@ -6,11 +6,10 @@
 __all__ = ['OPTIMIZERS', 'LR_SCHEDULES', 'PRECISIONS', 'CONFIGS', 'LoopConfig', 'check_loop_config', 'learning_rate', 'make_optimizer', 'ema_warmup_avg_fn', 'latest_checkpoint', 'Task', 'fit', 'TrainConfig', 'sample_grid', 'DiffusionTask', 'train', 'cli_error', 'check_out_dir', 'train_cli', 'ClassifierTask', 'train_classifier', 'classifier_cli']
 
 # %% ../nbs/04a_training.ipynb #ef01aa38
-import json, math, os, shlex, shutil, sys, time
-from dataclasses import dataclass, field, asdict, fields, is_dataclass
+import json, math, shlex, shutil, sys, time
+from dataclasses import dataclass, field, asdict, is_dataclass
 from pathlib import Path
 import torch
-import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 from .schedules import get_schedule, SCHEDULES
@@ -60,6 +59,13 @@ def check_loop_config(cfg):
                                ('precision', cfg.precision, PRECISIONS)):
         if value not in known: raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(known)}")
     if not cfg.lr > 0: raise ValueError(f"lr must be positive, got {cfg.lr}")
+    for name in ('ckpt_every', 'log_every', 'keep'):
+        if int(getattr(cfg, name)) != getattr(cfg, name) or getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.warmup < 0: raise ValueError(f"warmup must be 0 or more steps, got {cfg.warmup}")
+    if cfg.lr_schedule == 'onecycle' and not 1 < cfg.pct_start * cfg.steps < cfg.steps - 1:
+        raise ValueError(f"a onecycle schedule needs pct_start * steps between 1 and steps - 1, got {cfg.pct_start} x "
+                         f"{cfg.steps}")
     if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must lie in (0, 1), got {cfg.ema_decay}")
 
@@ -190,12 +196,21 @@ def fit(task: Task, cfg, out_dir=None, resume: bool = False, progress: bool = Tr
         if task_state is not None: parts['task'] = task_state
         return parts
     start, history, wall0 = 0, dict(loss=[]), 0.0
+    if out is not None and not resume and latest_checkpoint(out) is not None:
+        raise CheckpointError(f"{out} already holds checkpoints of another run; resume it (resume=True) or use "
+                              "another folder")
     if resume:
         ck = latest_checkpoint(out)
         if ck is None: raise CheckpointError(f"--resume: no checkpoint (ckpt-NNNNNN) in {out}")
-        task_state = {} if task.state_dict() else None  # filled with the saved state
+        info = read_info(ck)
+        saved = info.get('train_config', {})
+        for k in ('seed', 'batch_size'):  # the batches a resumed run draws depend on these
+            if k in saved and saved[k] != getattr(cfg, k):
+                raise CheckpointError(f"{ck} was trained with {k} {saved[k]!r}, not {getattr(cfg, k)!r}; resume with "
+                                      f"the same {k}")
+        task.check_resume(info, ck)  # before loading: a changed network would only fail as a shape mismatch
+        task_state = {} if 'task' in info.get('extra', {}) else None  # filled with the saved state
         info = load_training_state(ck, task.nets[main], emas.get(main), opts[main], extra=extra(task_state))
-        task.check_resume(info, ck)
         if task_state is not None: task.load_state_dict(task_state)
         start, history, wall0 = info['step'], info.get('history', history), info.get('wall_time_s', 0.0)
     if start >= cfg.steps: return history
@@ -240,7 +255,8 @@ def fit(task: Task, cfg, out_dir=None, resume: bool = False, progress: bool = Tr
             key = 'loss' if n == main else f'loss_{n}'
             history.setdefault(key, []).append(acc.reduce(loss.detach(), 'mean').item())
             for k, v in logs.items(): history.setdefault(k, []).append(float(v))
-        for n, e in emas.items(): e.update_parameters(raw[n])
+        for n, e in emas.items():  # a network that has not started keeps its EMA where it is
+            if task.active(n, step): e.update_parameters(raw[n])
         if progress and acc.is_main_process and (step + 1) % cfg.log_every == 0:
             bar.set_postfix(loss=f"{sum(history['loss'][-cfg.log_every:]) / len(history['loss'][-cfg.log_every:]):.4f}")
         done = step + 1
@@ -280,9 +296,9 @@ CONFIGS = {
     'fashion': TrainConfig(model=_UNET, steps=1700, batch_size=64, lr=5e-4, warmup=100, ckpt_every=250,
                            sample_every=500),
     # the same network and budget with a class embedding (10 classes + the null class) and 10% label dropout
-    # the shipped v model: the same network with the v-prediction recipe (cosine, min-SNR-5) and bf16 autocast, for an hour of 2 CPU cores
-    'fashion_v': TrainConfig(model=_UNET, param='v', schedule='cosine', weighting='min_snr', precision='bf16', steps=6500, batch_size=64,
-                             lr=5e-4, warmup=100, ckpt_every=500, sample_every=2000),
+    # the shipped v model: the same network, the v recipe (cosine, min-SNR-5), bf16 autocast, an hour of 2 CPU cores
+    'fashion_v': TrainConfig(model=_UNET, param='v', schedule='cosine', weighting='min_snr', precision='bf16',
+                             steps=6500, batch_size=64, lr=5e-4, warmup=100, ckpt_every=500, sample_every=2000),
     'fashion_cond': TrainConfig(model=dict(_UNET, num_classes=10), steps=1700, batch_size=64, lr=5e-4, warmup=100,
                                 ckpt_every=250,
                                 sample_every=500, label_dropout=0.1),
