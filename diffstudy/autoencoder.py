@@ -102,8 +102,8 @@ AE_CONFIGS = {
     'tiny': AutoencoderTrainConfig(model=dict(base_channels=16, channel_mult=(1, 2), latent_channels=2, norm_groups=8),
                                    steps=12, batch_size=8, lr=2e-4, ckpt_every=6, disc_start=6, lpips_batch=2, **_LDM),
     # the shipped f = 4 KL model (ae_fashion_kl_f4): 0.95M parameters, 0.42 GFLOP per image, on 2 CPU cores
-    'kl_f4': AutoencoderTrainConfig(model=dict(base_channels=32, channel_mult=(1, 2, 2), latent_channels=4), steps=6000,
-                                    batch_size=64, lr=2e-4, ckpt_every=500, disc_start=3000, lpips_batch=16,
+    'kl_f4': AutoencoderTrainConfig(model=dict(base_channels=32, channel_mult=(1, 2, 2), latent_channels=4), steps=5000,
+                                    batch_size=64, lr=2e-4, ckpt_every=500, disc_start=2500, lpips_batch=16,
                                     precision='bf16', recon_every=1000, **_LDM),
 }
 
