@@ -87,7 +87,7 @@ class AutoencoderTrainConfig(LoopConfig):
     disc: dict = field(default_factory=lambda: dict(ndf=32, n_layers=2))  # PatchDiscriminator arguments
     perceptual_weight: float = 1.0  # LPIPS beside L1 in the reconstruction loss; 0: L1 only
     lpips: str = 'st-alex'  # the LPIPS network (LPIPS: 'st-alex' works offline)
-    lpips_batch: int = None  # images of each batch the LPIPS term sees (an unbiased estimate; it costs most); None: all
+    lpips_batch: int = None  # images of each (per-process) batch that LPIPS sees (unbiased; it costs most); None: all
     kl_weight: float = 1e-6  # KL: on the KL summed over latents, beside the reconstruction summed over pixels
     codebook_weight: float = 1.0  # VQ: the codebook + beta commitment loss
     dead_code_restart: int = 0  # VQ: every this many steps, codes unused since the last check restart at batch latents
@@ -95,19 +95,36 @@ class AutoencoderTrainConfig(LoopConfig):
     disc_start: int = 0  # the step at which the discriminator and the GAN term start
     recon_every: int = 0  # steps between grids of test reconstructions in the output folder; 0: none
     data: str = 'fashion_mnist'
-
-_LDM = dict(optimizer='adam', betas=(0.5, 0.9), weight_decay=0.0, warmup=0, grad_clip=None, ema_decay=None)
+    # Latent Diffusion's optimizer (Adam, betas 0.5 and 0.9), no warm-up, clipping or EMA
+    optimizer: str = 'adam'
+    betas: tuple = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup: int = 0
+    grad_clip: float = None
+    ema_decay: float = None
 AE_CONFIGS = {
     # a few steps of a tiny model, the discriminator from half-way: for tests
     'tiny': AutoencoderTrainConfig(model=dict(base_channels=16, channel_mult=(1, 2), latent_channels=2, norm_groups=8),
-                                   steps=12, batch_size=8, lr=2e-4, ckpt_every=6, disc_start=6, lpips_batch=2, **_LDM),
+                                   steps=12, batch_size=8, lr=2e-4, ckpt_every=6, disc_start=6, lpips_batch=2),
     # the shipped f = 4 KL model (ae_fashion_kl_f4): 0.95M parameters, 0.42 GFLOP per image, on 2 CPU cores
     'kl_f4': AutoencoderTrainConfig(model=dict(base_channels=32, channel_mult=(1, 2, 2), latent_channels=4), steps=5000,
                                     batch_size=64, lr=2e-4, ckpt_every=500, disc_start=2500, lpips_batch=16,
-                                    precision='bf16', recon_every=1000, **_LDM),
+                                    precision='bf16', recon_every=1000),
 }
 
 # %% ../nbs/11a_autoencoder_training.ipynb #ae11a031
+def _rank() -> int:
+    "This process's index when torch.distributed runs, else 0."
+    d = torch.distributed
+    return d.get_rank() if d.is_available() and d.is_initialized() else 0
+
+def _all_processes(t):
+    "t summed over the processes (itself in one process)."
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        t = t.to('cuda' if d.get_backend() == 'nccl' else 'cpu'); d.all_reduce(t); t = t.cpu()
+    return t
+
 class AutoencoderTask(Task):
     """Training an autoencoder as Latent Diffusion does: L1 + LPIPS reconstruction, the KL or codebook regulariser,
     and (from `disc_start`) a patch discriminator's hinge loss with the adaptive weight. Networks: 'model', then
@@ -156,7 +173,7 @@ class AutoencoderTask(Task):
             return hinge_d_loss(nets['disc'](x), nets['disc'](self._x_hat))
         ae = nets['model']
         raw = getattr(ae, 'module', ae)
-        g = torch.Generator(x.device).manual_seed(int(b['noise_seed']))
+        g = torch.Generator(x.device).manual_seed(int(b['noise_seed']) + 7919 * _rank())  # other noise per process
         x_hat, aux = ae(x, generator=g)
         self._x_hat = x_hat.detach()
         rec, lp = self.reconstruction_loss(x, x_hat)
@@ -181,8 +198,8 @@ class AutoencoderTask(Task):
 
     def codebook_logs(self, idx):
         "The batch's code perplexity (exp of the entropy of code use) and the codes unused since the last check."
-        counts = torch.bincount(idx.flatten().cpu(), minlength=len(self.usage)).float()
-        self.usage += counts
+        counts = _all_processes(torch.bincount(idx.flatten().cpu(), minlength=len(self.usage)).float())
+        self.usage += counts  # the same on every process
         p = counts / counts.sum()
         return dict(perplexity=torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item(),
                     dead_codes=float((self.usage == 0).sum()))
@@ -195,9 +212,12 @@ class AutoencoderTask(Task):
         if len(dead):
             h = raw.quant_conv(raw.encoder(self._x)).permute(0, 2, 3, 1).reshape(-1, raw.config.latent_channels)
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + done)
-            pick = torch.randint(0, len(h), (len(dead),), generator=g).to(h.device)
+            pick = (torch.randperm(len(h), generator=g)[:len(dead)] if len(h) >= len(dead)  # distinct vectors
+                    else torch.randint(0, len(h), (len(dead),), generator=g)).to(h.device)
             w = raw.quantize.embedding.weight
             w[dead.to(w.device)] = h[pick].to(w.dtype)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(w, 0)  # every process takes the main process's codes
         self.usage.zero_()
         return len(dead)
 
@@ -208,8 +228,8 @@ class AutoencoderTask(Task):
         if cfg.recon_every and done % cfg.recon_every == 0 and loop.main and loop.out is not None:
             reconstruction_grid(raw, path=loop.out / f'recon-{done:06d}.png')
         if done == cfg.steps:  # the latent scale, stored in the model's config (and so in its checkpoint)
-            raw.config.scale_factor = latent_scale(raw, self.images)
-            loop.write(f"latent scale factor {raw.config.scale_factor:.4f} (1 / std of the training latents)")
+            raw.config.scale_factor = latent_scale(raw, self.images)  # of the modes, over the whole training set
+            if loop.main: loop.write(f"latent scale factor {raw.config.scale_factor:.4f} (1 / std of training latents)")
         return logs
 
     def state_dict(self): return {} if self.usage is None else dict(usage=self.usage.clone())
@@ -269,7 +289,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out=None, resume: bool = Fals
 def reconstruction_metrics(ae, n: int = 2048, lpips_net=None, batch_size: int = 500) -> dict:
     """The autoencoder protocol on the first n test images: R-FID (their reconstructions against the 10,000-image
     reference; the originals' FID beside it is the floor), PSNR, SSIM and LPIPS against the originals."""
-    from diffstudy.metrics import evaluate
+    from diffstudy.metrics import evaluate, psnr, ssim
     x = fashion_mnist('test').images[:n]
     x_hat = reconstruct(ae, x, batch_size)
     lp = lpips_net or LPIPS()

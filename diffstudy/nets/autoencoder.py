@@ -208,9 +208,10 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, h):
         "Indices (N, h, w) of the nearest codes to the latent vectors of h (N, c, h, w)."
-        flat = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (N h w, c)
-        e = self.embedding.weight
-        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]  # squared distances
+        with torch.autocast(h.device.type, enabled=False):  # distances in fp32: bf16 rounding would pick other codes
+            flat = h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (N h w, c)
+            e = self.embedding.weight.float()
+            d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]  # squared distances
         return d.argmin(1).reshape(h.shape[0], h.shape[2], h.shape[3])
 
     def lookup(self, indices):
