@@ -112,6 +112,28 @@ AE_CONFIGS = {
                                     precision='bf16', recon_every=1000),
 }
 
+def _zoo_row(model: dict, steps: int, **kw):
+    """A row of the autoencoder zoo (`diffstudy.ae_zoo`): the kl_f4 recipe for `steps`, the steps that 15 minutes of
+    2 CPU cores hold for this network and loss (`ae_zoo.step_seconds`), the discriminator from half-way; every
+    checkpoint kept, to read the run over time."""
+    return AutoencoderTrainConfig(model=model, steps=steps, batch_size=64, lr=2e-4, ckpt_every=500, keep=10,
+                                  disc_start=steps // 2, lpips_batch=16, precision='bf16', **kw)
+
+_F4 = dict(base_channels=32, channel_mult=(1, 2, 2), latent_channels=4)
+_F8 = dict(base_channels=32, channel_mult=(1, 2, 2, 2), latent_channels=4)
+AE_CONFIGS.update({f'zoo_{k}': v for k, v in dict(
+    # f = 2 narrower (24 and 48 channels), to stay near the others' forward cost
+    kl_f2=_zoo_row(dict(base_channels=24, channel_mult=(1, 2), latent_channels=2, norm_groups=8), 2220),
+    kl_f4=_zoo_row(_F4, 2180),
+    kl_f8=_zoo_row(_F8, 2230),
+    vq_f4=_zoo_row(dict(_F4, kind='vq', n_embed=256), 2060, dead_code_restart=200),
+    vq_f8=_zoo_row(dict(_F8, kind='vq', n_embed=1024), 2120, dead_code_restart=200),
+    vq_f8_norestart=_zoo_row(dict(_F8, kind='vq', n_embed=1024), 2120),  # the same run without restarting dead codes
+    kl_f4_noattn=_zoo_row(dict(_F4, attention=False), 2010),
+    kl_f4_l1=_zoo_row(_F4, 3730, perceptual_weight=0.0, disc_weight=0.0),  # the ablation: L1 only
+    kl_f4_l1_lpips=_zoo_row(_F4, 2340, disc_weight=0.0),  # L1 + LPIPS
+).items()})
+
 # %% ../nbs/11a_autoencoder_training.ipynb #ae11a031
 def _rank() -> int:
     "This process's index when torch.distributed runs, else 0."
