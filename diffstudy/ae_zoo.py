@@ -44,17 +44,10 @@ def step_seconds(cfg, n: int = 12, warm: int = 3) -> list:
     when there is no discriminator), from the time of warm + n steps less that of warm steps, so that building the
     loop's setup and the first steps' costs cancel (the task is built outside the timing; checkpoints and the final latent
     scale are not in it, so a run takes longer than budget_steps plans)."""
-    if n < 1 or warm < 1: raise ValueError(f"n and warm must be positive, got {n} and {warm}")
     out = []
     for gan in ((False, True) if cfg.disc_weight > 0 else (False,)):
-        ts = []
-        for k in (warm, warm + n):
-            c = replace(cfg, steps=10 ** 9, disc_start=0 if gan else 10 ** 9, recon_every=0)  # never its last step
-            task = AutoencoderTask(c)
-            t = time.perf_counter()
-            fit(task, c, None, progress=False, stop_at=k)
-            ts.append(time.perf_counter() - t)
-        out.append((ts[1] - ts[0]) / n)
+        c = replace(cfg, steps=10 ** 9, disc_start=0 if gan else 10 ** 9, recon_every=0)  # never its last step
+        out.append(seconds_per_step(AutoencoderTask, c, n, warm))
     return out
 
 def budget_steps(seconds: list, minutes: float = 15.0) -> int:
