@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from .autoencoder import load_autoencoder
 from .checkpoints import read_info, pretrained_dir
+from torch.utils.flop_counter import FlopCounterMode
 from .nets.unet import UNet, UNetConfig, count_flops
 from .pipeline import LDM_CONFIGS, LatentTask, latent_unet, load_pipeline, score
 from .train import CONFIGS, DiffusionTask, fit, latest_checkpoint
@@ -73,7 +74,8 @@ def eval_row(out, minutes=EVAL_AT, images=(), n: int = 2048, steps: int = 20) ->
 
 # %% ../nbs/12a_latent_comparison.ipynb #lz12071
 def cost_row(name: str) -> dict:
-    "A row's arithmetic: forward GFLOP of its U-Net per sample, of the decoder and encoder per image; its autoencoder's minutes."
+    """A row's arithmetic: GFLOP of its U-Net per sample (one forward: a sampling step; forward and backward: a training
+    image), of the decoder and encoder per image; its autoencoder's training minutes."""
     cfg, r = row_config(name), dict(row=name)
     model = cfg.model
     if hasattr(cfg, 'autoencoder'):
@@ -88,5 +90,7 @@ def cost_row(name: str) -> dict:
     else: r.update(latent='1x32x32', decoder_gflop=0.0, encoder_gflop=0.0, ae_minutes=0.0, autoencoder=None)
     net = UNet(UNetConfig(**model))
     c, h = net.config.in_channels, net.config.image_size
+    with FlopCounterMode(display=False) as fc:  # a training step's arithmetic per image: the forward and the backward
+        net(torch.zeros(1, c, h, h), torch.zeros(1)).square().mean().backward()
     return dict(r, unet_gflop=count_flops(net, torch.zeros(1, c, h, h), torch.zeros(1)) / 1e9,
-                params=sum(p.numel() for p in net.parameters()))
+                train_gflop=fc.get_total_flops() / 1e9, params=sum(p.numel() for p in net.parameters()))
