@@ -10,7 +10,7 @@ __all__ = ['COLOURS', 'ITEMS', 'SYNONYMS', 'POSITIONS', 'CELLS', 'HELD_OUT', 'ME
 import random, re
 import torch
 from .data import fashion_mnist
-from .metrics import load_classifier, features, evaluate
+from .metrics import load_classifier, evaluate
 
 # %% ../nbs/13_scenes.ipynb #sc13011
 COLOURS = {'red': (1, .15, .15), 'orange': (1, .55, .1), 'yellow': (1, 1, .15), 'green': (.15, 1, .15),
