@@ -160,12 +160,9 @@ class AutoencoderTask(Task):
             raise ValueError(f"lpips_batch must lie in 1..batch_size ({cfg.batch_size}), got {cfg.lpips_batch}")
         self.cfg = cfg
         if images is None:
-            if cfg.data not in ('fashion_mnist', 'scenes'):
-                raise ValueError(f"unknown data {cfg.data!r}: 'fashion_mnist', 'scenes', or pass images=")
-            if cfg.data == 'scenes':  # the captioned scenes' training set (diffstudy.scenes)
-                from diffstudy.scenes import training_scenes
-                images = training_scenes()[0]
-            else: images = fashion_mnist('train').images
+            if cfg.data != 'fashion_mnist':
+                raise ValueError(f"unknown data {cfg.data!r}: 'fashion_mnist', or pass images=")
+            images = fashion_mnist('train').images
         self.images = images
         torch.manual_seed(cfg.seed)
         ae = Autoencoder(AutoencoderConfig(**cfg.model))

@@ -41,7 +41,7 @@ def calibrate(out) -> dict:
     out/calibration.json. Returns the entry."""
     sec = seconds_per_step(DiffusionTask, row_config('pixel'), n=20, warm=10)
     entry = dict(pixel_step_ms=1000 * sec, threads=torch.get_num_threads(), platform=platform.platform(),
-                 when=time.strftime('%Y-%m-%d %H:%M'))
+                 load=os.getloadavg()[0], when=time.strftime('%Y-%m-%d %H:%M'))  # load: the 1-minute load average before
     path = Path(out) / 'calibration.json'
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = json.loads(path.read_text()) if path.exists() else []

