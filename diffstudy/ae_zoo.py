@@ -15,7 +15,7 @@ from .autoencoder import reconstruction_metrics, _in_batches
 from .checkpoints import read_info
 from .data import fashion_mnist
 from .nets.unet import count_flops
-from .train import fit, latest_checkpoint
+from .train import fit, latest_checkpoint, seconds_per_step
 
 # %% ../nbs/11b_autoencoder_zoo.ipynb #ae11b010
 ZOO = ('kl_f4', 'kl_f2', 'kl_f8', 'vq_f4', 'kl_f4_noattn', 'kl_f4_l1', 'kl_f4_l1_lpips', 'vq_f8', 'vq_f8_norestart')

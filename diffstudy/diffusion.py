@@ -75,9 +75,10 @@ class Denoiser:
 
     @property
     def sample_shape(self) -> tuple:
-        "The shape of one sample (C, H, W): given at construction, or the network's in_channels and image_size."
+        """The shape of one sample (C, H, W): given at construction, or the network's in_channels and image_size (of its
+        `unet` when it wraps one)."""
         if self.shape is not None: return tuple(self.shape)
-        cfg = getattr(self.net, 'config', None)
+        cfg = getattr(getattr(self.net, 'unet', self.net), 'config', None)
         if hasattr(cfg, 'in_channels') and hasattr(cfg, 'image_size'):
             return (cfg.in_channels, cfg.image_size, cfg.image_size)
         raise ValueError(f"the shape of a sample is unknown for a {type(self.net).__name__}: give Denoiser(..., "

@@ -18,8 +18,9 @@ def load_denoiser(name: str = 'ddpm_fashion', map_location='cpu', clip_x0: float
     """A shipped model (by name in data/, or a checkpoint path) as a Denoiser with its own schedule and parameterization
     (clip_x0=1.0 keeps its clean estimate in the data range); also returns the checkpoint's JSON."""
     model, info = load_pretrained(name, map_location=map_location)
-    if type(model).__name__ != 'UNet':  # a classifier, say: it does not map x_t to a prediction shaped like x_t
-        unets = [m for m in available_models() if read_info(pretrained_dir() / m).get('model_class') == 'UNet']
+    diffusion = ('UNet', 'TextConditionedUNet')
+    if type(model).__name__ not in diffusion:  # a classifier, say: it does not map x_t to a prediction shaped like x_t
+        unets = [m for m in available_models() if read_info(pretrained_dir() / m).get('model_class') in diffusion]
         raise CheckpointError(f"{name} holds a {type(model).__name__}, not a diffusion model (a UNet); the shipped "
                               "diffusion models: "
                               + ', '.join(unets))

@@ -118,10 +118,12 @@ def _device_dtype(denoiser):
 
 @torch.no_grad()
 def generate(denoiser, n: int = 64, steps: int = 100, seed: int = 0, batch_size: int = 64, sampler: str = 'ddpm',
-             spacing: str = 'trailing', progress: bool = False, labels=None, shape: tuple = None, **kwargs):
+             spacing: str = 'trailing', progress: bool = False, labels=None, shape: tuple = None, cond: dict = None,
+             **kwargs):
     """n samples from a denoiser with a sampler of SAMPLERS (the ancestral `ddpm` by default) in `steps` steps, drawn in
     batches: the same seed gives the same samples. `shape` is one sample's shape (default: the denoiser's
-    `sample_shape`); `labels` (n class indices) condition each sample through `denoiser.with_cond(y=...)`; other
+    `sample_shape`); `labels` (n class indices) condition each sample through `denoiser.with_cond(y=...)`, and `cond`
+    (keyword: n values, such as context= token states) through `denoiser.with_cond(**cond)`, each batch its slice; other
     keywords go to the sampler (`eta` for ddim, `sigmas` for the ODE samplers)."""
     if sampler not in SAMPLERS: raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if int(n) != n or n < 1: raise ValueError(f"n must be a positive integer, got {n}")
@@ -130,18 +132,24 @@ def generate(denoiser, n: int = 64, steps: int = 100, seed: int = 0, batch_size:
         raise ValueError(f"steps must be an integer from 1 to {T}, got {steps}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    cond = dict(cond or {})
     if labels is not None:
         labels = torch.as_tensor(labels).long().reshape(-1)
         if len(labels) != n: raise ValueError(f"labels must give one class per image ({n}), got {len(labels)}")
-        if not hasattr(denoiser, 'with_cond'):
-            raise TypeError("labels need a denoiser that takes conditioning (a Denoiser or a guidance wrapper)")
+        cond['y'] = labels
+    for k, v in cond.items():
+        count = 1 if torch.is_tensor(v) and v.ndim == 0 else len(v)
+        if count != n: raise ValueError(f"conditioning {k} must give one value per image ({n}), got {count}")
+    if cond and not hasattr(denoiser, 'with_cond'):
+        raise TypeError("conditioning needs a denoiser that takes it (a Denoiser or a guidance wrapper)")
     shape = tuple(denoiser.sample_shape if shape is None else shape)
     device, dtype = _device_dtype(denoiser)  # where the network lives; the noise comes from one CPU generator
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in tqdm(range(0, n, batch_size), desc=f'{sampler}, {steps} steps', disable=not progress):
         x = torch.randn(min(batch_size, n - i), *shape, generator=g).to(device, dtype)
-        den = denoiser if labels is None else denoiser.with_cond(y=labels[i:i + len(x)].to(device))
+        part = {k: v[i:i + len(x)].to(device) if torch.is_tensor(v) else v[i:i + len(x)] for k, v in cond.items()}
+        den = denoiser.with_cond(**part) if cond else denoiser
         out.append(SAMPLERS[sampler](den, x, int(steps), spacing=spacing, generator=g, **kwargs).cpu())
     return torch.cat(out)
 

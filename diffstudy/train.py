@@ -161,8 +161,10 @@ class _LoopState:
     def __init__(self, **kw): self.__dict__.update(kw)
 
 def _shard(batch: dict, lo: int, hi: int, n: int) -> dict:
-    "This process's slice [lo, hi) of every tensor in the batch whose first dimension is the global batch size n."
-    return {k: v[lo:hi] if torch.is_tensor(v) and v.ndim and len(v) == n else v for k, v in batch.items()}
+    """This process's slice [lo, hi) of every tensor (and list, such as prompts) in the batch whose first dimension is the
+    global batch size n."""
+    per_item = lambda v: (torch.is_tensor(v) and v.ndim and len(v) == n) or (isinstance(v, list) and len(v) == n)
+    return {k: v[lo:hi] if per_item(v) else v for k, v in batch.items()}
 
 def _to_device(batch: dict, device, channels_last: bool) -> dict:
     def move(v):
@@ -347,7 +349,9 @@ def sample_grid(model, schedule, param, n: int = 16, steps: int = 50, seed: int 
 
 class DiffusionTask(Task):
     """Training a diffusion U-Net: each step draws images, timesteps, noise (and labels, some dropped to the null class)
-    and takes `diffusion_loss`."""
+    and takes `diffusion_loss`; the batch's entries named in `cond_keys` are the network's conditioning."""
+    cond_keys = ('y',)
+
     def __init__(self, cfg: TrainConfig, data=None):
         if cfg.param not in PARAMETERIZATIONS:
             raise ValueError(f"unknown param {cfg.param!r}; choose one of {', '.join(PARAMETERIZATIONS)}")
@@ -375,11 +379,11 @@ class DiffusionTask(Task):
 
     def batch(self, step, g):
         cfg, sch, B = self.cfg, self.schedule, self.cfg.batch_size
-        C, H = self.nets['model'].config.in_channels, self.nets['model'].config.image_size
         idx = torch.randint(0, len(self.images), (B,), generator=g)
         if cfg.t_sampling == 'uniform': t = torch.randint(0, sch.T, (B,), generator=g)
         else: t = lognormal_timesteps(sch, B, generator=g)
-        b = dict(x0=self.clean(idx, g), t=t, eps=torch.randn(B, C, H, H, generator=g))
+        x0 = self.clean(idx, g)
+        b = dict(idx=idx, x0=x0, t=t, eps=torch.randn(x0.shape, generator=g))
         if self.n_cls is not None:  # each label replaced by the null class n_cls with probability label_dropout
             b['y'] = torch.where(torch.rand(B, generator=g) < cfg.label_dropout, self.n_cls, self.labels[idx])
         return b
@@ -389,7 +393,7 @@ class DiffusionTask(Task):
         return self.images[idx]
 
     def loss(self, name, nets, b, step):
-        cond = {'y': b['y']} if 'y' in b else {}
+        cond = {k: b[k] for k in self.cond_keys if k in b}
         return diffusion_loss(nets['model'], b['x0'], self.schedule, self.cfg.param, t=b['t'], eps=b['eps'],
                               weighting=self.cfg.weighting, gamma=self.cfg.min_snr_gamma, **cond)
 
