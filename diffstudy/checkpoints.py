@@ -221,14 +221,14 @@ def available_models() -> list:
     d = pretrained_dir()
     return sorted(p.name for p in d.iterdir() if (p / 'checkpoint.json').is_file()) if d.is_dir() else []
 
-def export_model(checkpoint, dest, dtype=torch.float16, weights: str = 'ema') -> Path:
+def export_model(checkpoint, dest, dtype=torch.float16, weights: str = 'ema', meta: dict = None) -> Path:
     """Write a shippable copy of a training checkpoint: the EMA weights only (fp16 storage by default), its JSON without
-    optimizer state."""
+    optimizer state, with `meta`'s fields added (for example a measured recommendation for its users)."""
     model, info = load_checkpoint(checkpoint, weights=weights)
     dropped = ('format', 'model_class', 'config', 'step', 'optimizer', 'extra', 'hardware', 'saved_at')
     meta = {k: v for k, v in info.items() if k not in dropped}
     meta.update(exported_from=str(checkpoint), exported_weights=weights, trained_on=info.get('hardware'),
-                storage_dtype=str(dtype).replace('torch.', ''))
+                storage_dtype=str(dtype).replace('torch.', ''), **(meta or {}))
     return save_checkpoint(dest, model, step=info['step'], meta=meta, dtype=dtype)
 
 def load_pretrained(name: str, map_location='cpu'):

@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['COLOURS', 'ITEMS', 'SYNONYMS', 'POSITIONS', 'CELLS', 'HELD_OUT', 'MENTIONS', 'JOINERS', 'TRAIN_SCENES', 'caption',
-           'random_layout', 'parse_caption', 'render', 'make_scenes', 'training_scenes', 'cells', 'cell_colour',
-           'scene_metrics']
+           'random_layout', 'parse_caption', 'render', 'make_scenes', 'training_scenes', 'training_scenes_seconds',
+           'cells', 'cell_colour', 'scene_metrics']
 
 # %% ../nbs/13_scenes.ipynb #sc13004
-import functools, random, re
+import functools, random, re, time
 import torch
 from .data import fashion_mnist
 from .metrics import load_classifier, evaluate
@@ -122,10 +122,16 @@ TRAIN_SCENES = 50_000  # the scenes the scenes' autoencoder and the text-to-imag
 def training_scenes(n: int = TRAIN_SCENES, seed: int = 0):
     """The training scenes (images, layouts, captions): make_scenes(n, 'train', seed), made once per process and shared
     by every caller (50,000 scenes are 2.5 GB: do not change them in place)."""
-    return _training_scenes(int(n), int(seed))
+    return _training_scenes(int(n), int(seed))[:3]
+
+def training_scenes_seconds(n: int = TRAIN_SCENES, seed: int = 0) -> float:
+    "The seconds making `training_scenes(n, seed)` took in this process (made now if not yet): the same for every caller."
+    return _training_scenes(int(n), int(seed))[3]
 
 @functools.lru_cache(maxsize=1)
-def _training_scenes(n: int, seed: int): return make_scenes(n, 'train', seed)
+def _training_scenes(n: int, seed: int):
+    t0 = time.perf_counter()
+    return (*make_scenes(n, 'train', seed), time.perf_counter() - t0)
 
 # %% ../nbs/13_scenes.ipynb #sc13031
 def cells(images, grid=(2, 2)) -> torch.Tensor:

@@ -175,11 +175,13 @@ def _to_device(batch: dict, device, channels_last: bool) -> dict:
     return {k: move(v) for k, v in batch.items()}
 
 def fit(task: Task, cfg, out_dir=None, resume: bool = False, progress: bool = True, command: str = None,
-        stop_at: int = None) -> dict:
+        stop_at: int = None, wall_start: float = 0.0) -> dict:
     """The one training loop: train `task`'s networks with `cfg` (a LoopConfig), checkpointing into `out_dir` (None: no
     checkpoints); resume from its latest checkpoint if asked; `stop_at` ends the run early at that step (the schedule
     still spans cfg.steps) and cfg.minutes at that wall time (a CPU-time budget, with cfg.ckpt_minutes for checkpoints
-    every so many minutes). Returns the history (the first network's losses in 'loss', the others' in 'loss_NAME')."""
+    every so many minutes). A new run's clock starts at `wall_start` seconds (work before the loop that the budget counts,
+    such as encoding the data); a resumed run's continues from its checkpoint. Returns the history (the first network's
+    losses in 'loss', the others' in 'loss_NAME')."""
     from accelerate import Accelerator
     check_loop_config(cfg)
     gpu = torch.cuda.is_available() and not cfg.cpu
@@ -203,7 +205,7 @@ def fit(task: Task, cfg, out_dir=None, resume: bool = False, progress: bool = Tr
             if n in emas: parts[f'{n}.ema'] = emas[n]
         if task_state is not None: parts['task'] = task_state
         return parts
-    start, history, wall0 = 0, dict(loss=[]), 0.0
+    start, history, wall0 = 0, dict(loss=[]), float(wall_start)
     if out is not None and not resume and latest_checkpoint(out) is not None:
         raise CheckpointError(f"{out} already holds checkpoints of another run; resume it (resume=True) or use "
                               "another folder")
