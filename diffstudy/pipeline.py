@@ -540,10 +540,11 @@ def attention_maps(pipe: Pipeline, prompt: str, t: float = 0.5, seed: int = 0, s
 # %% ../nbs/13b_sd_scenes.ipynb #t13b061
 def _sd(text: str = 'minilm', **kw) -> TextTrainConfig:
     """A row of the text-to-image comparison: notebook 10's v recipe for 60 minutes, the setup counted (`train_text`), a
-    checkpoint every 5 minutes, every one kept, to score the run at 15, 30 and 60."""
+    checkpoint every 5 minutes, every one kept, to score the run at 15, 30 and 60; the U-Net at width 32 (the benchmark
+    below)."""
     return TextTrainConfig(**dict(dict(text=text, param='v', schedule='cosine', weighting='min_snr', precision='bf16', lr=5e-4,
                                        warmup=100, batch_size=128, steps=10 ** 7, minutes=60, ckpt_minutes=5,
-                                       ckpt_every=10 ** 7, keep=10 ** 6), **kw))
+                                       ckpt_every=10 ** 7, keep=10 ** 6, unet=dict(model_channels=32)), **kw))
 
 SD_CONFIGS = {
     'sd_minilm': _sd('minilm'),  # frozen MiniLM's token states (B, M, 384): Stable Diffusion's way
