@@ -226,10 +226,11 @@ def export_model(checkpoint, dest, dtype=torch.float16, weights: str = 'ema', me
     optimizer state, with `meta`'s fields added (for example a measured recommendation for its users)."""
     model, info = load_checkpoint(checkpoint, weights=weights)
     dropped = ('format', 'model_class', 'config', 'step', 'optimizer', 'extra', 'hardware', 'saved_at')
-    meta = {k: v for k, v in info.items() if k not in dropped}
-    meta.update(exported_from=str(checkpoint), exported_weights=weights, trained_on=info.get('hardware'),
-                storage_dtype=str(dtype).replace('torch.', ''), **(meta or {}))
-    return save_checkpoint(dest, model, step=info['step'], meta=meta, dtype=dtype)
+    kept = {k: v for k, v in info.items() if k not in dropped}
+    kept.update(exported_from=str(checkpoint), exported_weights=weights, trained_on=info.get('hardware'),
+                storage_dtype=str(dtype).replace('torch.', ''))
+    kept.update(meta or {})
+    return save_checkpoint(dest, model, step=info['step'], meta=kept, dtype=dtype)
 
 def load_pretrained(name: str, map_location='cpu'):
     "Load a shipped model by name (a folder in data/) or by path: returns (model, info)."
